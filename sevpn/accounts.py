@@ -1,0 +1,98 @@
+"""
+The card's accounts: the connection manager's dial-up entries (seed 4).
+
+Each account is C{STATE/accounts/NAME.json}, 0600, because it holds the
+password the card must present to the hub.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
+
+from sevpn.files import ensure_dir, read_json, write_json
+from sevpn.users import DEFAULT_HUB, StateError, check_name
+
+DEFAULT_PORT = 5555
+
+
+def parse_hub_address(text: str) -> Tuple[str, int]:
+    """C{HOST:PORT}, C{[V6]:PORT} or C{HOST} (port 5555)."""
+    text = (text or "").strip()
+    host, port = text, str(DEFAULT_PORT)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise StateError(f"{text!r} is not a hub address (expected HOST:PORT)")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise StateError(f"{text!r} is not a hub address (expected [ADDRESS]:PORT)")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StateError(f"{text!r} is not a hub address (expected HOST:PORT, e.g. vpn.example.org:5555)")
+    return host, int(port)
+
+
+@dataclass
+class Account:
+    name: str
+    hub: str
+    user: str
+    password: str
+    ca_file: str
+    hub_name: str = DEFAULT_HUB
+    server_name: Optional[str] = None
+    auto_reconnect: bool = True
+
+    def __post_init__(self) -> None:
+        check_name("account", self.name)
+        check_name("virtual hub", self.hub_name)
+        check_name("user", self.user)
+        self.host, self.port = parse_hub_address(self.hub)
+
+    @property
+    def verify_name(self) -> str:
+        return self.server_name or self.host
+
+    def public(self) -> dict:
+        info = asdict(self)
+        info.pop("password")
+        return info
+
+
+class AccountStore:
+    def __init__(self, state_dir: str) -> None:
+        self.directory = os.path.join(state_dir, "accounts")
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, check_name("account", name) + ".json")
+
+    def save(self, account: Account) -> None:
+        ensure_dir(self.directory)
+        data = asdict(account)
+        write_json(self._path(account.name), data, mode=0o600)
+
+    def get(self, name: str) -> Account:
+        data = read_json(self._path(name), None)
+        if data is None:
+            raise StateError(f"there is no account named {name} (see 'sevpn account list')")
+        try:
+            return Account(**data)
+        except TypeError:
+            raise StateError(f"the account file of {name} is damaged; delete and add it again")
+
+    def names(self) -> List[str]:
+        try:
+            return sorted(f[:-5] for f in os.listdir(self.directory) if f.endswith(".json"))
+        except FileNotFoundError:
+            return []
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            raise StateError(f"there is no account named {name}")

@@ -1,0 +1,122 @@
+"""
+The local control socket of a running hub or card.
+
+A UNIX socket C{STATE/control.sock}, mode 0600 (root only), speaking one
+JSON object per line: the request C{{"command": NAME, "args": {...}}},
+the answer C{{"ok": true, "result": ...}} or C{{"ok": false, "error":
+SENTENCE}}.  The C{sevpn} command is its client (L{call}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Callable, Dict
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+SOCKET_NAME = "control.sock"
+
+
+class ControlError(Exception):
+    """A control request failed; the message is for the user."""
+
+
+class ControlProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
+    log = Logger()
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            request = json.loads(line.decode("utf-8"))
+            command = self.factory.commands[request["command"]]
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            self._answer({"ok": False, "error": "unknown or malformed control request"})
+            return
+        d = maybeDeferred(command, **args)
+        d.addCallback(lambda result: {"ok": True, "result": result})
+        d.addErrback(self._error)
+        d.addCallback(self._answer)
+
+    def _error(self, failure) -> dict:
+        if failure.check(ControlError, ValueError):
+            return {"ok": False, "error": str(failure.value)}
+        self.log.failure("control request failed", failure)
+        return {"ok": False, "error": f"internal error: {failure.getErrorMessage()}"}
+
+    def _answer(self, answer: dict) -> None:
+        self.sendLine(json.dumps(answer, sort_keys=True).encode("utf-8"))
+        self.transport.loseConnection()
+
+
+class ControlFactory(Factory):
+    noisy = False
+
+    protocol = ControlProtocol
+
+    def __init__(self, commands: Dict[str, Callable]) -> None:
+        self.commands = commands
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, SOCKET_NAME)
+
+
+def listen(reactor, state_dir: str, commands: Dict[str, Callable]):
+    """Listen on the state dir's control socket, replacing a stale one."""
+    path = socket_path(state_dir)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left over from a crash
+        else:
+            raise ControlError(f"another hub or card already runs with the state dir {state_dir}")
+        finally:
+            probe.close()
+    old = os.umask(0o177)
+    try:
+        return reactor.listenUNIX(path, ControlFactory(commands), mode=0o600)
+    finally:
+        os.umask(old)
+
+
+def call(state_dir: str, command: str, timeout: float = 10.0, **args):
+    """Ask the hub or card running on C{state_dir}; blocking, for the CLI."""
+    path = socket_path(state_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"nothing is running with the state dir {state_dir} (no control socket at {path})")
+        except PermissionError:
+            raise ControlError(f"not allowed to use {path}: run this as root")
+        sock.sendall(json.dumps({"command": command, "args": args}).encode("utf-8") + b"\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except socket.timeout:
+        raise ControlError(f"no answer from {path} within {timeout:g} seconds")
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(b"".join(chunks).decode("utf-8"))
+    except ValueError:
+        raise ControlError(f"the answer from {path} was not understood")
+    if not answer.get("ok"):
+        raise ControlError(answer.get("error") or "the request failed")
+    return answer.get("result")

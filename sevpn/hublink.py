@@ -1,0 +1,88 @@
+"""
+The hub's end of a link: the hello/welcome handshake, then data.
+
+A thin adapter: what a hello means is L{sevpn.hub.Hub.login}'s business.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+
+from sevpn import wire
+from sevpn.hub import Hub, Refused
+from sevpn.link import Link
+from sevpn.timing import Keepalive
+
+#: A card must finish its hello within this many seconds.
+HANDSHAKE_TIMEOUT = 15.0
+
+
+class HubLink(Link):
+    def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive) -> None:
+        super().__init__(clock, keepalive)
+        self.hub = hub
+        self._handshake_call = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._handshake_call = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_overdue)
+
+    def _handshake_overdue(self) -> None:
+        self._handshake_call = None
+        if not self.ready:
+            self.fail(f"no hello within {HANDSHAKE_TIMEOUT:g} seconds")
+
+    def lost(self, reason: str) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+
+    def handshake_message(self, kind: int, body: memoryview) -> None:
+        if kind != wire.HELLO or self.session is not None:
+            raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message")
+        hello = wire.decode_json(kind, body)
+        try:
+            session, resumed, card_received = self.hub.login(self, hello)
+        except Refused as refusal:
+            self.send_json(wire.REFUSED, {"code": refusal.code, "message": refusal.message})
+            self.transport.loseConnection()
+            self.closed = True
+            return
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+        self.session = session
+        self.ready = True
+        self.send_json(
+            wire.WELCOME,
+            {
+                "session": session.id,
+                "token": self.hub.token_text(session),
+                "resumed": resumed,
+                "received": session.received.received,
+                "hub": session.vhub.name,
+                "resume_window": self.hub.resume_window,
+                "features": [],
+            },
+        )
+        if resumed:
+            session.resend(card_received)
+
+    def batch_done(self) -> None:
+        if self.hub.dirty:
+            self.hub.flush()
+
+
+class HubLinkFactory(Factory):
+    noisy = False
+
+    def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.keepalive = keepalive
+
+    def buildProtocol(self, addr) -> HubLink:
+        link = HubLink(self.hub, self.clock, self.keepalive)
+        link.factory = self
+        return link
