@@ -90,6 +90,7 @@ class Card:
         self.connected_since: Optional[float] = None
         self.reconnects = 0
         self.attempts = 0
+        self.failures = 0
         self.unplugged_drops = 0
         self._window = None
 
@@ -113,6 +114,7 @@ class Card:
         self.state = CONNECTING
         self.last_error = None
         self.attempts = 0
+        self.failures = 0
         self.log.info(
             "connecting to hub {hub} at {addr} as user {user}",
             hub=account.hub_name, addr=account.hub, user=account.user,
@@ -124,7 +126,6 @@ class Card:
             CardLinkFactory(self),
             retryPolicy=self._retry_delay,
             clock=self.clock,
-            prepareConnection=lambda link: link.whenWelcomed(),
         )
         self.service.startService()
         self.tap.start_reading()
@@ -148,10 +149,15 @@ class Card:
         return service.stopService()
 
     def _retry_delay(self, attempt: int) -> float:
+        """
+        The retry policy.  A TCP connection that dies before the hub's
+        welcome counts as a failure too, so the card counts failures
+        itself rather than trusting ClientService's attempt number.
+        """
         self.attempts += 1
-        if self.account is not None and not self.account.auto_reconnect and self.state != CONNECTED:
+        if self.account is not None and not self.account.auto_reconnect:
             self.clock.callLater(0, self._give_up)
-        return self.backoff(attempt)
+        return self.backoff(self.failures + 1)
 
     def _give_up(self) -> None:
         if self.state in (CONNECTING, RESUMING):
@@ -216,6 +222,7 @@ class Card:
             )
         self.state = CONNECTED
         self.last_error = None
+        self.failures = 0
         self.tap.start_reading()
 
     def refused(self, code: str, message: str) -> None:
@@ -230,6 +237,7 @@ class Card:
 
     def attempt_failed(self, reason: str) -> None:
         """A connection attempt ended before a welcome."""
+        self.failures += 1
         if self.state == REFUSED or reason == self.last_error:
             return
         self.last_error = reason

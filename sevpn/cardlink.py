@@ -1,14 +1,12 @@
 """
 The card's end of a link: say hello, wait for a welcome or a refusal.
 
-A thin adapter over L{sevpn.card.Card}; C{whenWelcomed} is what the
-reconnecting L{ClientService} waits for before it counts a connection as
-made, so a refused or broken handshake is retried like a failed connect.
+A thin adapter over L{sevpn.card.Card}, which counts a connection that
+ends before the welcome as a failed attempt (for the backoff).
 """
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
 from sevpn import wire
@@ -17,19 +15,11 @@ from sevpn.link import Link
 HANDSHAKE_TIMEOUT = 15.0
 
 
-class HandshakeFailed(Exception):
-    pass
-
-
 class CardLink(Link):
     def __init__(self, card) -> None:
         super().__init__(card.clock, card.keepalive)
         self.card = card
-        self._welcomed = Deferred(lambda d: self.transport.abortConnection())
         self._handshake_call = None
-
-    def whenWelcomed(self) -> Deferred:
-        return self._welcomed
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -54,16 +44,13 @@ class CardLink(Link):
             self.transport.loseConnection()
             return
         self.card.welcomed(self, info)
-        if self.ready and not self._welcomed.called:
-            self._welcomed.callback(self)
 
     def lost(self, reason: str) -> None:
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
-        if not self._welcomed.called:
+        if not self.ready and self.card.state != "refused":
             self.card.attempt_failed(reason)
-            self._welcomed.errback(HandshakeFailed(reason))
 
 
 class CardLinkFactory(Factory):

@@ -1,0 +1,231 @@
+"""
+Test doubles for the link layer: an in-memory network the tests can cut,
+and a TAP that records what the card writes to it.  Everything runs on a
+L{twisted.internet.task.Clock}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import List, Optional
+
+from twisted.internet import address
+from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, ConnectionDone
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sevpn.accounts import Account
+from sevpn.card import Card
+from sevpn.hub import Hub
+from sevpn.hublink import HubLinkFactory
+from sevpn.timing import Keepalive
+from sevpn.users import HubState
+
+
+def frame(dst: bytes, src: bytes, payload: bytes = b"x" * 50, ethertype: bytes = b"\x08\x00") -> bytes:
+    return dst + src + ethertype + payload
+
+
+def mac(n: int) -> bytes:
+    return bytes([0x02, 0, 0, 0, 0, n])
+
+
+BROADCAST = b"\xff" * 6
+
+
+class MemoryTransport:
+    """One end of an in-memory TCP connection."""
+
+    disconnecting = False
+
+    def __init__(self, network: "MemoryNetwork", port: int) -> None:
+        self.network = network
+        self.buffer: List[bytes] = []
+        self.peer_transport: Optional["MemoryTransport"] = None
+        self.protocol = None
+        self.producer = None
+        self.closed = False
+        self.port = port
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting and not self.closed:
+            self.buffer.append(bytes(data))
+
+    def writeSequence(self, seq) -> None:
+        self.write(b"".join(bytes(s) for s in seq))
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+    abortConnection = loseConnection
+
+    def registerProducer(self, producer, streaming) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def getPeer(self):
+        return address.IPv4Address("TCP", "192.0.2.1", self.port)
+
+    def getHost(self):
+        return address.IPv4Address("TCP", "192.0.2.2", 5555)
+
+
+class Connection:
+    def __init__(self, client, server, ct: MemoryTransport, st: MemoryTransport) -> None:
+        self.client, self.server, self.ct, self.st = client, server, ct, st
+        self.alive = True
+
+    def pump(self) -> bool:
+        moved = False
+        for src, dst in ((self.ct, self.server), (self.st, self.client)):
+            if src.buffer and self.alive:
+                data, src.buffer = b"".join(src.buffer), []
+                dst.dataReceived(data)
+                moved = True
+        if self.alive and not moved and (self.ct.disconnecting or self.st.disconnecting):
+            self.close(Failure(ConnectionDone()))
+            moved = True
+        return moved
+
+    def close(self, reason: Failure) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self.ct.closed = self.st.closed = True
+        self.ct.buffer, self.st.buffer = [], []
+        self.server.connectionLost(reason)
+        self.client.connectionLost(reason)
+
+
+@implementer(IStreamClientEndpoint)
+class MemoryNetwork:
+    """Carries card-to-hub connections; tests may take the line down."""
+
+    def __init__(self, clock: Clock, server_factory) -> None:
+        self.clock = clock
+        self.server_factory = server_factory
+        self.up = True
+        self.connections: List[Connection] = []
+        self._ports = iter(range(40000, 60000))
+
+    def connect(self, factory):
+        if not self.up:
+            return fail(ConnectionRefusedError("the line is down"))
+        port = next(self._ports)
+        ct, st = MemoryTransport(self, port), MemoryTransport(self, port)
+        client = factory.buildProtocol(None)
+        server = self.server_factory.buildProtocol(None)
+        conn = Connection(client, server, ct, st)
+        self.connections.append(conn)
+        server.makeConnection(st)
+        client.makeConnection(ct)
+        return succeed(client)
+
+    def pump(self, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            self.clock.advance(0)
+            moved = False
+            for conn in list(self.connections):
+                moved = conn.pump() or moved
+            self.connections = [c for c in self.connections if c.alive]
+            if not moved:
+                return
+
+    def run(self, seconds: float, step: float = 0.05) -> None:
+        """Let C{seconds} pass on the clock, pumping as we go."""
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end:
+            self.pump()
+            self.clock.advance(min(step, end - self.clock.seconds()))
+        self.pump()
+
+    def cut(self) -> None:
+        """Break every connection without a goodbye; data in flight is lost."""
+        self.up = False
+        for conn in list(self.connections):
+            conn.close(Failure(ConnectionLost("the line was cut")))
+        self.connections = []
+
+    def restore(self) -> None:
+        self.up = True
+
+
+class FakeTap:
+    """The card's TAP, as the card sees it."""
+
+    name = "tap-test"
+
+    def __init__(self) -> None:
+        self.written: List[bytes] = []
+        self.carrier = False
+        self.reading = False
+        self.carrier_changes: List[bool] = []
+
+    def write_frames(self, frames) -> None:
+        self.written.extend(bytes(f) for f in frames)
+
+    def set_carrier(self, on: bool) -> None:
+        self.carrier = on
+        self.carrier_changes.append(on)
+
+    def start_reading(self) -> None:
+        self.reading = True
+
+    def stop_reading(self) -> None:
+        self.reading = False
+
+
+class Lab:
+    """A hub and cards on one clock and one in-memory network."""
+
+    def __init__(self, testcase, resume_window: float = 60.0, buffer_limit: int = 1 << 20) -> None:
+        self.clock = Clock()
+        self.state_dir = tempfile.mkdtemp(prefix="sevpn-test-")
+        testcase.addCleanup(shutil.rmtree, self.state_dir, True)
+        self.state = HubState(self.state_dir)
+        self.state.ensure_default()
+        self.keepalive = Keepalive(random=lambda: 0.5)
+        self.hub = Hub(self.state, self.clock, resume_window=resume_window, buffer_limit=buffer_limit)
+        self.network = MemoryNetwork(self.clock, HubLinkFactory(self.hub, self.clock, self.keepalive))
+        self.resume_window = resume_window
+        self.buffer_limit = buffer_limit
+        self._users = set()
+
+    def user(self, name: str, password: str = "secret", hub: str = "DEFAULT") -> None:
+        if not self.state.exists(hub):
+            self.state.create_hub(hub)
+        # A cheap hash keeps the unit tests fast; the cost is tested apart.
+        from sevpn import users
+
+        users_ = dict(self.state.users(hub))
+        users_[name] = {"password": users.hash_password(password.encode(), n=2)}
+        from sevpn.files import write_json
+
+        write_json(os.path.join(self.state_dir, "hubs", hub, "users.json"), {"users": users_})
+
+    def card(self, n: int, user: Optional[str] = None, password: str = "secret", hub: str = "DEFAULT",
+             connect: bool = True, **kw) -> Card:
+        user = user or f"u{n}"
+        if (user, hub) not in self._users and password == "secret":
+            self.user(user, hub=hub)
+            self._users.add((user, hub))
+        card = Card(
+            self.clock, FakeTap(), mac(n), lambda account: self.network,
+            keepalive=self.keepalive, resume_window=kw.pop("resume_window", self.resume_window),
+            buffer_limit=self.buffer_limit, **kw,
+        )
+        card.test_account = Account(
+            name=f"acct{n}", hub="192.0.2.2:5555", user=user, password=password, ca_file="/nonexistent",
+            hub_name=hub,
+        )
+        if connect:
+            card.connect(card.test_account)
+            self.network.pump()
+        return card

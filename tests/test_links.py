@@ -1,0 +1,543 @@
+"""
+The hub and cards talking over in-memory connections, on a fake clock:
+the handshake, switching, refusals, hostile input, keepalive, reconnecting
+forever, and session resumption that loses nothing.
+"""
+
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SynchronousTestCase
+
+from sevpn import card as card_states
+from sevpn import wire
+from sevpn.hub import Hub
+from sevpn.hublink import HANDSHAKE_TIMEOUT, HubLinkFactory
+from sevpn.timing import KEEPALIVE_TIMEOUT
+from tests.support import BROADCAST, Lab, frame, mac
+
+
+def payloads(tap, dst=None):
+    """The payloads a TAP received (the test frames number themselves)."""
+    return [f[14:] for f in tap.written if dst is None or f[:6] == dst]
+
+
+class Core(SynchronousTestCase):
+    def setUp(self):
+        self.lab = Lab(self)
+
+    def test_cable_unplugged_until_welcomed(self):
+        card = self.lab.card(1, connect=False)
+        self.assertFalse(card.tap.carrier)
+        card.connect(card.test_account)
+        self.assertFalse(card.tap.carrier)  # hello sent, no welcome yet
+        self.lab.network.pump()
+        self.assertTrue(card.tap.carrier)
+        self.assertEqual(card.state, card_states.CONNECTED)
+        self.assertEqual([s["user"] for s in self.lab.hub.describe_sessions()], ["u1"])
+
+    def test_frames_cross_the_hub(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        a.tap_frames([frame(BROADCAST, mac(1), b"arp?")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(b.tap), [b"arp?"])
+        self.assertEqual(a.tap.written, [])  # never echoed
+        b.tap_frames([frame(mac(1), mac(2), b"reply")])
+        a.tap_frames([frame(mac(2), mac(1), b"data")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(a.tap), [b"reply"])
+        self.assertEqual(payloads(b.tap), [b"arp?", b"data"])
+        self.assertEqual(a.status()["frames_out"], 2)
+        self.assertEqual(a.status()["bytes_in"], len(frame(mac(1), mac(2), b"reply")))
+
+    def test_learned_unicast_reaches_only_its_card(self):
+        a, b, c = self.lab.card(1), self.lab.card(2), self.lab.card(3)
+        b.tap_frames([frame(BROADCAST, mac(2), b"hello")])
+        self.lab.network.pump()
+        a.tap_frames([frame(mac(2), mac(1), b"for b")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(b.tap), [b"for b"])
+        self.assertEqual(payloads(c.tap), [b"hello"])
+
+    def test_virtual_hubs_are_separate_segments(self):
+        self.lab.state.create_hub("OTHER")
+        a, b = self.lab.card(1), self.lab.card(2)
+        x = self.lab.card(3, hub="OTHER")
+        self.assertTrue(x.tap.carrier)
+        a.tap_frames([frame(BROADCAST, mac(1), b"bcast"), frame(mac(3), mac(1), b"unknown")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(b.tap), [b"bcast", b"unknown"])
+        self.assertEqual(x.tap.written, [])
+        macs = self.lab.hub.describe_macs()
+        self.assertEqual([m["mac"] for m in macs["DEFAULT"]["macs"]], ["02:00:00:00:00:01"])
+        self.assertEqual(macs["OTHER"]["macs"], [])
+
+    def test_batch_is_one_message_per_destination(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        b.tap_frames([frame(BROADCAST, mac(2))])
+        self.lab.network.pump()
+        [conn_a, conn_b] = self.lab.network.connections
+        writes = []
+        original = conn_b.st.write
+        conn_b.st.write = lambda data: (writes.append(data), original(data))
+        a.tap_frames([frame(mac(2), mac(1), bytes([i]) * 40) for i in range(50)])
+        self.lab.network.pump()
+        self.assertEqual(len(payloads(b.tap)), 50)
+        self.assertEqual(sum(1 for w in writes if w[4] == wire.DATA), 1)
+
+    def test_duplicate_mac_shows_in_status(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        a.tap_frames([frame(BROADCAST, mac(9))])
+        self.lab.network.pump()
+        b.tap_frames([frame(BROADCAST, mac(9))])
+        self.lab.network.pump()
+        [dup] = self.lab.hub.describe_macs()["DEFAULT"]["duplicates"]
+        self.assertEqual(dup["mac"], "02:00:00:00:00:09")
+        self.assertEqual(len(dup["sessions"]), 2)
+
+
+class Refusals(SynchronousTestCase):
+    def setUp(self):
+        self.lab = Lab(self)
+        self.lab.user("alice", "right")
+
+    def assertRefused(self, card, fragment):
+        self.assertEqual(card.state, card_states.REFUSED)
+        self.assertIn(fragment, card.last_error)
+        self.assertFalse(card.tap.carrier)
+        self.assertEqual(self.lab.hub.sessions, {})
+        # no hammering: time passes, no new attempt is made
+        before = next(self.lab.network._ports)
+        self.lab.network.run(60, step=1)
+        self.assertEqual(next(self.lab.network._ports), before + 1)
+        self.assertEqual(card.state, card_states.REFUSED)
+
+    def test_wrong_password(self):
+        card = self.lab.card(1, user="alice", password="wrong")
+        self.assertRefused(card, "user name or password is wrong")
+        self.assertEqual(self.lab.hub.refusals, 1)
+
+    def test_unknown_user(self):
+        self.assertRefused(self.lab.card(1, user="mallory", password="x"), "user name or password is wrong")
+
+    def test_unknown_virtual_hub(self):
+        card = self.lab.card(1, user="alice", password="right", hub="NOWHERE")
+        self.assertRefused(card, "no virtual hub of that name")
+
+    def test_connect_again_after_fixing(self):
+        card = self.lab.card(1, user="alice", password="wrong")
+        self.assertEqual(card.state, card_states.REFUSED)
+        card.test_account.password = "right"
+        card.connect(card.test_account)
+        self.lab.network.pump()
+        self.assertEqual(card.state, card_states.CONNECTED)
+
+
+class Raw(Protocol):
+    def __init__(self):
+        self.received = b""
+        self.lost = None
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class RawFactory:
+    def __init__(self):
+        self.protocols = []
+
+    def buildProtocol(self, addr):
+        p = Raw()
+        self.protocols.append(p)
+        return p
+
+
+class HostileInput(SynchronousTestCase):
+    """Bad input ends that one connection; the hub and other sessions go on."""
+
+    def setUp(self):
+        self.lab = Lab(self)
+        self.a, self.b = self.lab.card(1), self.lab.card(2)
+        self.raw = RawFactory()
+        self.lab.network.connect(self.raw)
+        self.peer = self.raw.protocols[-1]
+        self.conn = self.lab.network.connections[-1]
+        self.logged = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def send(self, data):
+        self.conn.ct.write(data)
+        self.lab.network.pump()
+
+    def assertClosedAndOthersFine(self, reason):
+        self.assertIsNotNone(self.peer.lost)
+        self.assertTrue(any(reason in str(e.get("reason", "")) for e in self.logged), self.logged[-3:])
+        self.a.tap_frames([frame(BROADCAST, mac(1), b"still here")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(self.b.tap), [b"still here"])
+        self.assertEqual(len(self.lab.hub.sessions), 2)
+
+    def test_garbage_instead_of_hello(self):
+        self.send(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertClosedAndOthersFine("unknown message type")
+
+    def test_oversized_message(self):
+        self.send(b"\x7f\xff\xff\xff\x04")
+        self.assertClosedAndOthersFine("exceeds")
+
+    def test_data_before_hello(self):
+        self.send(wire.encode_data(1, 0, wire.encode_frames([frame(BROADCAST, mac(5))])))
+        self.assertEqual(self.b.tap.written, [])
+        self.assertClosedAndOthersFine("unexpected DATA")
+
+    def test_malformed_hello(self):
+        self.send(wire.encode(wire.HELLO, wire.MAGIC + b"\x01{not json"))
+        self.assertClosedAndOthersFine("not valid JSON")
+
+    def test_hello_missing_fields(self):
+        self.send(wire.encode_json(wire.HELLO, {"hub": "DEFAULT"}))
+        self.assertIn(b"bad-hello", self.peer.received)
+        self.assertIsNotNone(self.peer.lost)
+
+    def test_stalled_peer_is_dropped(self):
+        self.send(b"\x00\x00")  # half a header, then silence
+        self.lab.network.run(HANDSHAKE_TIMEOUT + 1, step=1)
+        self.assertClosedAndOthersFine("no hello within")
+
+    def test_bad_frame_inside_session(self):
+        """A card that sends a truncated frame loses its own link only."""
+        conn_a = self.lab.network.connections[0]
+        conn_a.ct.write(wire.encode_data(1, 0, b"\x00\x00\x00\x40short"))
+        self.lab.network.pump()
+        self.assertTrue(any("ends inside a frame" in str(e.get("reason", "")) for e in self.logged))
+        self.b.tap_frames([frame(BROADCAST, mac(2), b"b lives")])
+        self.lab.network.pump()
+        self.assertTrue(self.b.tap.carrier)
+
+    def test_ack_of_never_sent_frame(self):
+        self.lab.network.connections[0].ct.write(wire.encode_ack(10**6))
+        self.lab.network.pump()
+        self.assertTrue(any("acknowledged frame 1000000" in str(e.get("reason", "")) for e in self.logged))
+
+
+class Keepalive(SynchronousTestCase):
+    def setUp(self):
+        self.lab = Lab(self)
+        self.card = self.lab.card(1)
+        [self.conn] = self.lab.network.connections
+
+    def test_idle_link_sends_null_packets_and_stays_up(self):
+        sizes = []
+        original = self.conn.ct.write
+        self.conn.ct.write = lambda d: (sizes.append(len(d)) if d[4] == wire.NULL else None, original(d))
+        self.lab.network.run(120, step=0.5)
+        self.assertEqual(self.card.state, card_states.CONNECTED)
+        self.assertEqual(self.lab.network.connections, [self.conn])
+        # every 7.5 s with this test's fixed random draw
+        self.assertTrue(14 <= len(sizes) <= 17, sizes)
+        self.assertTrue(all(37 <= s <= 61 for s in sizes))
+
+    def test_no_keepalive_while_traffic_flows(self):
+        nulls = []
+        original = self.conn.ct.write
+        self.conn.ct.write = lambda d: (nulls.append(d) if d[4] == wire.NULL else None, original(d))
+        for _ in range(60):
+            self.card.tap_frames([frame(BROADCAST, mac(1))])
+            self.lab.network.run(1, step=0.5)
+        self.assertEqual(nulls, [])
+
+    def test_silent_hub_is_declared_dead(self):
+        # the hub's bytes no longer arrive; the card's still leave
+        self.conn.st.write = lambda data: None
+        self.conn.st.writeSequence = lambda seq: None
+        self.lab.network.run(KEEPALIVE_TIMEOUT - 1, step=0.5)
+        self.assertEqual(self.card.state, card_states.CONNECTED)
+        self.lab.network.run(2, step=0.5)
+        # the card gave the silent link up and resumed on a new one at once
+        self.assertFalse(self.conn.alive)
+        self.assertEqual(self.card.status()["reconnects"], 1)
+        self.assertEqual(self.card.status()["resumes"], 1)
+        self.assertEqual(self.card.state, card_states.CONNECTED)
+
+
+class Reconnect(SynchronousTestCase):
+    def setUp(self):
+        self.lab = Lab(self)
+
+    def test_hub_unreachable_at_start_then_appears(self):
+        self.lab.network.up = False
+        card = self.lab.card(1)
+        self.lab.network.run(120, step=0.25)
+        self.assertEqual(card.state, card_states.CONNECTING)
+        self.assertFalse(card.tap.carrier)
+        # capped backoff: about one try per 2.5-5 s, never giving up
+        self.assertTrue(25 <= card.attempts <= 55, card.attempts)
+        self.assertIn("the line is down", card.last_error)
+        self.lab.network.restore()
+        self.lab.network.run(6, step=0.25)
+        self.assertEqual(card.state, card_states.CONNECTED)
+        self.assertTrue(card.tap.carrier)
+
+    def test_no_auto_reconnect(self):
+        self.lab.network.up = False
+        card = self.lab.card(1, connect=False)
+        card.test_account.auto_reconnect = False
+        card.connect(card.test_account)
+        self.lab.network.run(10, step=0.25)
+        self.assertEqual(card.state, card_states.IDLE)
+        self.assertEqual(card.attempts, 1)
+
+    def test_disconnect_says_goodbye_and_stops(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        a.tap_frames([frame(BROADCAST, mac(1))])
+        self.lab.network.pump()
+        a.disconnect()
+        self.lab.network.run(30, step=0.5)
+        self.assertEqual(a.state, card_states.IDLE)
+        self.assertFalse(a.tap.carrier)
+        self.assertEqual([s["user"] for s in self.lab.hub.describe_sessions()], ["u2"])  # no hold
+        self.assertEqual(self.lab.hub.describe_macs()["DEFAULT"]["macs"], [])
+        a.connect(a.test_account)
+        self.lab.network.pump()
+        self.assertTrue(a.tap.carrier)
+
+
+class Resume(SynchronousTestCase):
+    """Seed fact 6: a short outage loses not one frame."""
+
+    def setUp(self):
+        self.lab = Lab(self, resume_window=60)
+        self.a, self.b = self.lab.card(1), self.lab.card(2)
+        self.n = 0
+        self.a.tap_frames([frame(BROADCAST, mac(1), b"hi")])
+        self.b.tap_frames([frame(BROADCAST, mac(2), b"hi")])
+        self.lab.network.pump()
+        self.expect_a, self.expect_b = [], []
+        self.a.tap.written.clear()
+        self.b.tap.written.clear()
+
+    def traffic(self, count=5):
+        """Frames both ways, numbered, through the hub."""
+        fa, fb = [], []
+        for _ in range(count):
+            self.n += 1
+            fa.append(frame(mac(2), mac(1), b"a%06d" % self.n))
+            fb.append(frame(mac(1), mac(2), b"b%06d" % self.n))
+        self.a.tap_frames(fa)
+        self.b.tap_frames(fb)
+        self.expect_b += [f[14:] for f in fa]
+        self.expect_a += [f[14:] for f in fb]
+
+    def assertExact(self):
+        self.lab.network.run(1)
+        self.assertEqual(payloads(self.b.tap), self.expect_b)
+        self.assertEqual(payloads(self.a.tap), self.expect_a)
+        for card in (self.a, self.b):
+            self.assertEqual(card.status()["frames_dropped"], 0)
+        for s in self.lab.hub.describe_sessions():
+            self.assertEqual(s["frames_dropped"], 0)
+
+    def outage(self, seconds, traffic_during=True):
+        self.traffic()  # in flight when the line goes
+        self.lab.network.cut()
+        self.assertEqual(self.a.state, card_states.RESUMING)
+        self.assertTrue(self.a.tap.carrier)  # applications see no unplugged cable
+        if traffic_during:
+            self.traffic()
+        self.lab.network.run(seconds, step=0.25)
+        self.lab.network.restore()
+        self.lab.network.run(6, step=0.25)
+        self.assertEqual(self.a.state, card_states.CONNECTED)
+
+    def test_resume_after_outages(self):
+        for seconds in (1, 5, 20):
+            self.traffic()
+            self.lab.network.pump()
+            self.outage(seconds)
+            self.traffic()
+        self.assertExact()
+        self.assertEqual(self.a.status()["resumes"], 3)
+        self.assertEqual([s["resumes"] for s in self.lab.hub.describe_sessions()], [3, 3])
+        self.assertEqual(self.a.tap.carrier_changes, [True])  # up once, never down
+        self.assertGreater(self.a.status()["frames_retransmitted"], 0)
+
+    def test_loss_before_any_ack(self):
+        self.traffic(50)
+        # the line dies before anything is pumped: nothing was acknowledged
+        self.lab.network.cut()
+        self.lab.network.restore()
+        self.lab.network.run(3)
+        self.assertExact()
+
+    def test_loss_during_the_resume_handshake(self):
+        self.traffic()
+        self.lab.network.cut()
+        self.traffic()
+        self.lab.network.restore()
+        # let the card reconnect and its hello reach the hub, then cut:
+        # the hub's welcome and what it resent are lost
+        for _ in range(200):
+            self.lab.clock.advance(0.05)
+            if self.lab.network.connections:
+                break
+        [conn] = self.lab.network.connections
+        conn.server.dataReceived(b"".join(conn.ct.buffer))
+        conn.ct.buffer = []
+        self.assertTrue(conn.st.buffer)
+        self.lab.network.cut()
+        self.traffic()
+        self.lab.network.restore()
+        self.lab.network.run(3)
+        # and once more right after the welcome
+        self.lab.network.cut()
+        self.traffic()
+        self.lab.network.restore()
+        self.lab.network.run(3)
+        self.traffic()
+        self.assertExact()
+
+    def test_both_cards_cut_twice_in_a_row(self):
+        self.traffic()
+        self.lab.network.cut()
+        self.lab.network.restore()
+        self.lab.clock.advance(0.05)
+        self.lab.network.cut()
+        self.traffic()
+        self.lab.network.restore()
+        self.lab.network.run(5)
+        self.traffic()
+        self.assertExact()
+
+    def test_window_passes(self):
+        self.traffic()
+        self.lab.network.pump()
+        self.lab.network.cut()
+        self.lab.network.run(59, step=1)
+        self.assertTrue(self.a.tap.carrier)
+        self.assertEqual(len(self.lab.hub.sessions), 2)
+        self.lab.network.run(2, step=1)
+        # both ends gave the session up: cable unplugged, MAC table clean
+        self.assertFalse(self.a.tap.carrier)
+        self.assertEqual(self.lab.hub.sessions, {})
+        self.assertEqual(self.lab.hub.describe_macs()["DEFAULT"]["macs"], [])
+        old = self.a.status()
+        self.assertIsNone(old["session"])
+        self.lab.network.restore()
+        self.lab.network.run(6, step=0.5)
+        self.assertTrue(self.a.tap.carrier)
+        self.assertEqual(self.a.status()["resumes"], 0)  # a fresh session
+
+    def test_buffer_overflow_is_counted(self):
+        lab = Lab(self, buffer_limit=4096)
+        a, b = lab.card(1), lab.card(2)
+        b.tap_frames([frame(BROADCAST, mac(2))])
+        lab.network.pump()
+        lab.network.cut()
+        for i in range(40):
+            a.tap_frames([frame(mac(2), mac(1), b"%05d" % i + b"x" * 500)])
+        lab.network.restore()
+        lab.network.run(3)
+        got = payloads(b.tap)
+        dropped = a.status()["frames_dropped"]
+        self.assertGreater(dropped, 0)
+        self.assertEqual(len(got) + dropped, 40)
+        # what arrived is the newest frames, in order, each once
+        self.assertEqual([g[:5] for g in got], [b"%05d" % i for i in range(40 - len(got), 40)])
+
+    def test_hub_restart_is_a_fresh_session(self):
+        old_session = self.a.status()["session"]
+        self.lab.network.cut()
+        # the hub process is replaced: its memory is gone
+        hub = Hub(self.lab.state, self.lab.clock)
+        self.lab.network.server_factory = HubLinkFactory(hub, self.lab.clock, self.lab.keepalive)
+        self.lab.network.restore()
+        self.lab.network.run(3)
+        self.assertEqual(self.a.state, card_states.CONNECTED)
+        self.assertNotEqual(self.a.status()["session"], old_session)
+        self.assertTrue(self.a.tap.carrier)
+        self.traffic()
+        self.lab.network.run(1)
+        self.assertEqual(payloads(self.b.tap)[-5:], self.expect_b[-5:])
+
+
+class Tokens(SynchronousTestCase):
+    """A resume token is bound to its session and user, and dies with it."""
+
+    def setUp(self):
+        self.lab = Lab(self)
+        self.victim = self.lab.card(1)
+        self.session = self.lab.hub.sessions[self.victim.status()["session"]]
+
+    def hello_with(self, user, token, session_id=None):
+        thief = self.lab.card(9, user=user, connect=False)
+        thief.account = thief.test_account
+        from sevpn.card import CardSession
+
+        thief.session = CardSession(thief, session_id or self.session.id, token)
+        return thief.hello()  # carries the victim's session and token
+
+    def test_wrong_user_gets_a_fresh_session(self):
+        self.lab.network.cut()
+        self.lab.network.restore()
+        self.lab.user("eve")
+        hello = self.hello_with("eve", self.lab.hub.token_text(self.session))
+        hello["password"] = "secret"
+        link = self.lab.network.server_factory.buildProtocol(None)
+        from tests.support import MemoryTransport
+
+        link.makeConnection(MemoryTransport(self.lab.network, 1))
+        session, resumed, _ = self.lab.hub.login(link, hello)
+        self.assertFalse(resumed)
+        self.assertIsNot(session, self.session)
+
+    def test_wrong_token(self):
+        self.lab.network.cut()
+        self.lab.network.restore()
+        self.assertIsNone(self.lab.hub._resumable(
+            {"session": self.session.id, "token": "AAAA", "received": 0}, "u1", "DEFAULT"))
+        self.assertIs(self.lab.hub._resumable(
+            {"session": self.session.id, "token": self.lab.hub.token_text(self.session), "received": 0},
+            "u1", "DEFAULT"), self.session)
+
+    def test_expired_and_ended_tokens_are_useless(self):
+        token = self.lab.hub.token_text(self.session)
+        self.lab.network.cut()
+        self.lab.network.run(61, step=1)
+        self.assertIsNone(self.lab.hub._resumable({"session": self.session.id, "token": token}, "u1", "DEFAULT"))
+
+    def test_replay_after_goodbye(self):
+        token = self.lab.hub.token_text(self.session)
+        self.victim.disconnect()
+        self.lab.network.pump()
+        self.assertIsNone(self.lab.hub._resumable({"session": self.session.id, "token": token}, "u1", "DEFAULT"))
+
+
+class Backpressure(SynchronousTestCase):
+    def test_full_card_link_drops_at_the_hub_and_counts(self):
+        lab = Lab(self)
+        a, b = lab.card(1), lab.card(2)
+        b.tap_frames([frame(BROADCAST, mac(2))])
+        lab.network.pump()
+        hub_b = [s for s in lab.hub.sessions.values() if s.user == "u2"][0]
+        hub_b.link.pauseProducing()
+        a.tap_frames([frame(mac(2), mac(1), b"%d" % i * 20) for i in range(10)])
+        lab.network.pump()
+        self.assertEqual(hub_b.congestion_drops, 10)
+        self.assertEqual(lab.hub.describe_sessions()[1]["frames_dropped"], 10)
+        hub_b.link.resumeProducing()
+        a.tap_frames([frame(mac(2), mac(1), b"after")])
+        lab.network.pump()
+        self.assertEqual(payloads(b.tap), [b"after"])
+
+    def test_full_hub_link_pauses_the_tap(self):
+        lab = Lab(self)
+        a = lab.card(1)
+        self.assertTrue(a.tap.reading)
+        a.session.link.pauseProducing()
+        self.assertFalse(a.tap.reading)
+        a.session.link.resumeProducing()
+        self.assertTrue(a.tap.reading)

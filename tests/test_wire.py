@@ -1,0 +1,128 @@
+"""The wire codec: round trips, and every kind of bad input refused."""
+
+import struct
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from sevpn import wire
+
+frames_st = st.lists(st.binary(min_size=wire.MIN_FRAME, max_size=2000), min_size=0, max_size=20)
+
+
+class RoundTrip(SynchronousTestCase):
+    @given(frames_st, st.integers(1, 2**63), st.integers(0, 2**63))
+    @settings(max_examples=200, deadline=None)
+    def test_data(self, frames, first, ack):
+        message = wire.encode_data(first, ack, wire.encode_frames(frames))
+        [(kind, body)] = wire.Decoder().feed(message)
+        self.assertEqual(kind, wire.DATA)
+        got_first, got_ack, got = wire.decode_data(body)
+        self.assertEqual((got_first, got_ack), (first, ack))
+        self.assertEqual([bytes(f) for f in got], frames)
+
+    @given(st.lists(st.binary(min_size=wire.MIN_FRAME, max_size=300), min_size=1, max_size=10),
+           st.lists(st.integers(1, 97), min_size=1, max_size=40))
+    @settings(max_examples=100, deadline=None)
+    def test_any_split(self, frames, cuts):
+        """However TCP splits the stream, the same messages come out."""
+        stream = b"".join(wire.encode_data(i + 1, i, wire.encode_frames([f])) for i, f in enumerate(frames))
+        stream += wire.encode_ack(7) + wire.encode_null(9, b"p" * 30)
+        decoder = wire.Decoder()
+        got = []
+        pos = 0
+        for cut in cuts * 1000:
+            if pos >= len(stream):
+                break
+            for kind, body in decoder.feed(stream[pos:pos + cut]):
+                got.append((kind, bytes(body)))
+            pos += cut
+        self.assertEqual(decoder.pending(), 0)
+        self.assertEqual([k for k, _ in got], [wire.DATA] * len(frames) + [wire.ACK, wire.NULL])
+        self.assertEqual([bytes(wire.decode_data(memoryview(b))[2][0]) for k, b in got[:-2]], frames)
+        self.assertEqual(wire.decode_ack(got[-2][1]), 7)
+        self.assertEqual(wire.decode_ack(got[-1][1]), 9)
+
+    def test_json(self):
+        for kind in (wire.HELLO, wire.WELCOME, wire.REFUSED, wire.GOODBYE):
+            obj = {"hub": "DEFAULT", "n": 3, "nested": {"a": [1, 2]}}
+            [(k, body)] = wire.Decoder().feed(wire.encode_json(kind, obj))
+            self.assertEqual(k, kind)
+            self.assertEqual(wire.decode_json(k, body), obj)
+
+    def test_null_size(self):
+        """A keepalive is about 50 bytes on the wire (seed fact 7)."""
+        self.assertEqual(len(wire.encode_null(1, b"\0" * 37)), 50)
+
+    def test_large_frame(self):
+        """A 64 KiB offload super-frame fits the length prefix."""
+        big = b"\x02" * (wire.MAX_FRAME)
+        [(kind, body)] = wire.Decoder().feed(wire.encode_data(1, 0, wire.encode_frames([big])))
+        self.assertEqual(bytes(wire.decode_data(body)[2][0]), big)
+
+
+class BadInput(SynchronousTestCase):
+    def assertRefused(self, data, fragment):
+        def run():
+            for kind, body in wire.Decoder().feed(data):
+                if kind == wire.DATA:
+                    wire.decode_data(body)
+                elif kind in (wire.ACK, wire.NULL):
+                    wire.decode_ack(body)
+                else:
+                    wire.decode_json(kind, body)
+
+        e = self.assertRaises(wire.ProtocolError, run)
+        self.assertIn(fragment, str(e))
+
+    def test_garbage_instead_of_hello(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "unknown message type")
+
+    def test_unknown_type(self):
+        self.assertRefused(struct.pack("!IB", 0, 99), "unknown message type 99")
+
+    def test_oversized(self):
+        self.assertRefused(struct.pack("!IB", wire.MAX_BODY + 1, wire.DATA), "exceeds")
+
+    def test_hello_without_magic(self):
+        self.assertRefused(wire.encode(wire.HELLO, b'{"a":1}'), "magic")
+
+    def test_hello_wrong_version(self):
+        self.assertRefused(wire.encode(wire.HELLO, wire.MAGIC + b"\x09{}"), "version 9")
+
+    def test_json_not_object(self):
+        self.assertRefused(wire.encode(wire.WELCOME, b"[1,2]"), "not a JSON object")
+        self.assertRefused(wire.encode(wire.WELCOME, b"\xff\xfe"), "not valid JSON")
+
+    def test_truncated_frame(self):
+        payload = struct.pack("!I", 100) + b"x" * 50
+        self.assertRefused(wire.encode_data(1, 0, payload), "ends inside a frame")
+
+    def test_truncated_length(self):
+        self.assertRefused(wire.encode_data(1, 0, b"\x00\x00"), "ends inside a frame length")
+
+    def test_runt_and_giant_frames(self):
+        self.assertRefused(wire.encode_data(1, 0, struct.pack("!I", 5) + b"x" * 5), "frame of 5 bytes")
+        self.assertRefused(wire.encode_data(1, 0, struct.pack("!I", wire.MAX_FRAME + 1)), "frame of")
+
+    def test_short_data_and_ack(self):
+        self.assertRefused(wire.encode(wire.DATA, b"\0" * 5), "shorter than its header")
+        self.assertRefused(wire.encode(wire.ACK, b"\0" * 3), "shorter than its 8-byte ack")
+
+    def test_sequence_zero(self):
+        self.assertRefused(wire.encode_data(0, 0, wire.encode_frames([b"x" * 20])), "sequence number 0")
+
+    @given(st.binary(max_size=300))
+    @settings(max_examples=300, deadline=None)
+    def test_fuzz(self, data):
+        """Random bytes either decode or raise ProtocolError, nothing else."""
+        try:
+            for kind, body in wire.Decoder().feed(data):
+                if kind == wire.DATA:
+                    wire.decode_data(body)
+                elif kind in (wire.ACK, wire.NULL):
+                    wire.decode_ack(body)
+                else:
+                    wire.decode_json(kind, body)
+        except wire.ProtocolError:
+            pass
