@@ -285,6 +285,7 @@ class Card:
         session, self.session = self.session, None
         if session is not None and session.link is not None:
             session.link.session = None
+            session.link.ready = False
             session.link = None
         self.connected_since = None
         if self.tap.carrier:
@@ -326,6 +327,9 @@ class _ReportFailures:
     def __init__(self, endpoint, card: Card) -> None:
         self.endpoint = endpoint
         self.card = card
+
+    def __repr__(self) -> str:
+        return f"hub {self.card.account.hub}" if self.card.account else "hub"
 
     def connect(self, factory):
         def failed(failure):

@@ -19,6 +19,9 @@ class CardLink(Link):
     def __init__(self, card) -> None:
         super().__init__(card.clock, card.keepalive)
         self.card = card
+        #: The connection attempt this link belongs to.
+        self.service = card.service
+        self.welcomed = False
         self._handshake_call = None
 
     def connectionMade(self) -> None:
@@ -41,15 +44,16 @@ class CardLink(Link):
         if kind == wire.REFUSED:
             self.failure = str(info.get("message") or info.get("code") or "refused")
             self.card.refused(str(info.get("code", "")), self.failure)
-            self.transport.loseConnection()
+            self.close()
             return
+        self.welcomed = True
         self.card.welcomed(self, info)
 
     def lost(self, reason: str) -> None:
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
-        if not self.ready and self.card.state != "refused":
+        if not self.welcomed and self.card.service is self.service:
             self.card.attempt_failed(reason)
 
 

@@ -258,12 +258,15 @@ class Hub:
             id=session.id, user=session.user, hub=session.vhub.name, why=why,
         )
 
-    def shutdown(self) -> None:
-        """Say goodbye on every link: the cards will not wait to resume."""
+    def shutdown(self) -> List[Link]:
+        """Say goodbye on every link (the cards will not wait to resume)."""
+        links = []
         for session in list(self.sessions.values()):
             if session.link is not None:
+                links.append(session.link)
                 session.link.say_goodbye("the hub is shutting down")
             self.end_session(session, "the hub is shutting down")
+        return links
 
     # switching -------------------------------------------------------------
 

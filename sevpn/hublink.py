@@ -46,8 +46,8 @@ class HubLink(Link):
             session, resumed, card_received = self.hub.login(self, hello)
         except Refused as refusal:
             self.send_json(wire.REFUSED, {"code": refusal.code, "message": refusal.message})
-            self.transport.loseConnection()
-            self.closed = True
+            self.failure = f"refused: {refusal.message}"
+            self.close()
             return
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()

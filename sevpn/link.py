@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 from typing import Optional, Sequence
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -138,6 +139,7 @@ class Link(Protocol):
         self._keepalive_call = None
         self._deadline_call = None
         self._ack_call = None
+        self._closed_waiters = []
 
     # connection ------------------------------------------------------------
 
@@ -170,6 +172,27 @@ class Link(Protocol):
             why = self.failure or describe_failure(reason)
             session.link_lost(self, self.goodbye_received or self.goodbye_sent, why)
         self.lost(self.failure or describe_failure(reason))
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_closed(self) -> Deferred:
+        """A Deferred that fires once the connection is gone."""
+        if self.closed:
+            return succeed(None)
+        d = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    def close(self) -> None:
+        """
+        Close after what was written is sent.  The link is a producer of
+        its TLS transport, which would wait for it to unregister before
+        shutting down: unregister first.
+        """
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
 
     def lost(self, reason: str) -> None:
         """Subclass hook: the connection is gone."""
@@ -197,20 +220,20 @@ class Link(Protocol):
             for kind, body in self.decoder.feed(data):
                 if self.failure is not None or self.closed:
                     return
-                if kind == wire.DATA and self.ready:
+                if kind == wire.DATA and self.ready and self.session is not None:
                     first, ack, frames = wire.decode_data(body)
                     self.session.data_arrived(first, ack, frames, len(body) - 16 - 4 * len(frames))
                     self._unacked_frames += len(frames)
                     self._unacked_bytes += len(body)
                 elif kind == wire.ACK or kind == wire.NULL:
                     ack = wire.decode_ack(body)
-                    if self.ready:
+                    if self.ready and self.session is not None:
                         self.session.sent.ack(ack)
                 elif kind == wire.GOODBYE:
                     self.goodbye_received = True
                     info = wire.decode_json(kind, body)
                     self.goodbye(str(info.get("reason", "")))
-                    self.transport.loseConnection()
+                    self.close()
                     return
                 else:
                     self.handshake_message(kind, body)
@@ -276,7 +299,7 @@ class Link(Protocol):
             return
         self.goodbye_sent = True
         self.send_json(wire.GOODBYE, {"reason": reason})
-        self.transport.loseConnection()
+        self.close()
 
     # keepalive -------------------------------------------------------------
 
@@ -311,9 +334,29 @@ class Link(Protocol):
 
 
 def describe_failure(reason) -> str:
-    """A failure as a short sentence for the log."""
+    """A failure as a short sentence for the log and the status."""
     value = getattr(reason, "value", reason)
+    try:
+        from service_identity import VerificationError
+
+        if isinstance(value, VerificationError):
+            names = ", ".join(_mismatched_name(e) for e in value.errors)
+            return f"the hub's certificate is not valid for {names} (check --server-name / the hub's --hostname)"
+        from OpenSSL.SSL import Error as TLSError
+
+        if isinstance(value, TLSError):
+            if "certificate verify failed" in str(value):
+                return "the hub's certificate is not signed by the trusted CA (certificate verify failed)"
+            return f"TLS failed: {value}"
+    except ImportError:  # pragma: no cover
+        pass
     text = str(value).strip()
     if "Connection was closed cleanly" in text:
         return "the connection was closed"
     return text or value.__class__.__name__
+
+
+def _mismatched_name(mismatch) -> str:
+    ident = getattr(mismatch, "mismatched_id", None)
+    name = getattr(ident, "hostname", None) or getattr(ident, "ip", None) or mismatch
+    return name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)

@@ -12,6 +12,7 @@ import os
 from typing import Iterable, Optional, Sequence
 
 from twisted.application.service import Service
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -126,15 +127,18 @@ class HubService(Service):
             port.stopListening()
         self.ports = []
         if self.control_port is not None:
-            self.control_port.stopListening()
+            control.close(self.control_port, self.state_dir)
             self.control_port = None
 
     def stopService(self):
+        """Say goodbye to every card, waiting at most two seconds for it."""
         Service.stopService(self)
-        if self.hub is not None:
-            self.hub.shutdown()
+        links = self.hub.shutdown() if self.hub is not None else []
         self._close()
-        self.log.info("hub stopped")
+        done = gatherResults([link.when_closed() for link in links])
+        done.addTimeout(2, _reactor(self.reactor))
+        done.addBoth(lambda _: self.log.info("hub stopped"))
+        return done
 
 
 def tls_endpoint_for(reactor):
@@ -227,7 +231,7 @@ class CardService(Service):
 
     def _close(self):
         if self.control_port is not None:
-            self.control_port.stopListening()
+            control.close(self.control_port, self.state_dir)
             self.control_port = None
         if self.tap is not None:
             self.tap.close()

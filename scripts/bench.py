@@ -1,0 +1,111 @@
+"""
+make bench: iperf3 TCP (both directions) and ping through sevpn between
+two namespaces, beside the same over the bare veth path through the hub's
+namespace.  A benchmark, not a test: it prints figures and asserts nothing.
+
+    DUR=10 make bench          seconds per iperf3 run
+    SEVPN_NIC_ARGS="..."       extra flags for both cards
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.netns import Topology, skip_reason  # noqa: E402
+
+DUR = int(os.environ.get("DUR", "10"))
+
+
+def ping(topo, src, addr, count=20, interval="0.05"):
+    out = topo.run(topo.host(src), "ping", "-q", "-c", str(count), "-i", interval, addr, check=False)
+    m = re.search(r"= [\d.]+/([\d.]+)/([\d.]+)", out)
+    return float(m.group(1)) if m else float("nan")
+
+
+def iperf(topo, src, dst, addr, reverse=False, udp64=False):
+    server = topo.spawn(topo.host(dst), "iperf3-server", "iperf3", "-s", "-1", "-B", addr)
+    time.sleep(0.5)
+    args = ["iperf3", "-c", addr, "-t", str(DUR), "-J"] + (["-R"] if reverse else [])
+    if udp64:
+        args += ["-u", "-l", "64", "-b", "0"]
+    out = topo.run(topo.host(src), *args, check=False, timeout=DUR + 60)
+    server.wait(20)
+    try:
+        end = json.loads(out)["end"]
+        if udp64:
+            s = end["sum"]
+            return (s["packets"] - s["lost_packets"]) / s["seconds"]
+        return end["sum_received"]["bits_per_second"] / 1e6
+    except (ValueError, KeyError):
+        return float("nan")
+
+
+def loaded_ping(topo, src, dst, addr):
+    server = topo.spawn(topo.host(dst), "iperf3-server", "iperf3", "-s", "-1", "-B", addr)
+    time.sleep(0.5)
+    load = subprocess.Popen(["ip", "netns", "exec", topo.host(src), "iperf3", "-c", addr, "-t", str(DUR)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    rtt = ping(topo, src, addr, count=max(5, (DUR - 3) * 5), interval="0.2")
+    load.wait(DUR + 30)
+    server.wait(20)
+    return rtt
+
+
+def measure(topo, addr):
+    return {
+        "ping_ms": ping(topo, 1, addr),
+        "tcp_mbps": iperf(topo, 1, 2, addr),
+        "tcp_reverse_mbps": iperf(topo, 1, 2, addr, reverse=True),
+        "udp64_pps": iperf(topo, 1, 2, addr, udp64=True),
+        "loaded_ping_ms": loaded_ping(topo, 1, 2, addr),
+    }
+
+
+def main():
+    reason = skip_reason()
+    if reason:
+        print(f"bench: cannot run: {reason}", file=sys.stderr)
+        return 1
+    topo = Topology(2)
+    results = {}
+    try:
+        # bare veth: host 1 -> hub namespace (forwarding) -> host 2
+        topo.run(topo.hub_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        topo.run(topo.host(1), "ip", "route", "add", f"10.{topo.subnet}.2.0/24", "via", topo.hub_addr(1))
+        topo.run(topo.host(2), "ip", "route", "add", f"10.{topo.subnet}.1.0/24", "via", topo.hub_addr(2))
+        results["bare veth"] = measure(topo, topo.host_addr(2))
+        topo.run(topo.hub_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        # through sevpn
+        extra = tuple(shlex.split(os.environ.get("SEVPN_NIC_ARGS", "")))
+        topo.add_user("u1")
+        topo.add_user("u2")
+        topo.start_hub()
+        for i in (1, 2):
+            topo.start_card(i, extra=extra)
+            topo.wait_connected(i)
+        topo.ping(1, 2)
+        results["sevpn"] = measure(topo, topo.tap_addr(2))
+    finally:
+        topo.close()
+    cols = ["ping_ms", "tcp_mbps", "tcp_reverse_mbps", "udp64_pps", "loaded_ping_ms"]
+    print(f"\nsevpn bench ({DUR} s per iperf3 run; hub in its own namespace, cards in two others)\n")
+    print("| path | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c.endswith("ms") else f"{r[c]:.0f}" for c in cols) + " |")
+    if "sevpn" in results and "bare veth" in results:
+        b, s = results["bare veth"], results["sevpn"]
+        print(f"\nsevpn/bare: TCP {s['tcp_mbps'] / b['tcp_mbps']:.3f}, "
+              f"TCP -R {s['tcp_reverse_mbps'] / b['tcp_reverse_mbps']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""
+Test hosts for the system tests: network namespaces joined by veth pairs,
+made by the tests themselves and removed afterwards, also on failure.
+
+The topology mirrors the benchmark's: the hub in its own namespace, each
+card host on a veth pair to it, no route anywhere else.  Traffic goes only
+to addresses inside these namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from twisted.trial.unittest import SkipTest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+PASSWORD = "test-password"
+
+
+def skip_reason() -> Optional[str]:
+    if os.geteuid() != 0:
+        return "system tests need root (they create network namespaces and TAP devices)"
+    if not os.path.exists("/dev/net/tun"):
+        return "system tests need /dev/net/tun"
+    if shutil.which("ip") is None:
+        return "system tests need iproute2's ip command"
+    if shutil.which("ping") is None:
+        return "system tests need ping (iputils-ping)"
+    return None
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def sevpn(*args: str, check: bool = True, input: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run the sevpn command as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sevpn.cli", *args], capture_output=True, text=True, env=env(), input=input,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"sevpn {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Topology:
+    """A hub namespace and card-host namespaces, each on its own veth."""
+
+    def __init__(self, hosts: int) -> None:
+        reason = skip_reason()
+        if reason:
+            raise SkipTest(reason)
+        self.tag = f"sv{os.getpid() % 100000}{int(time.time() * 1000) % 1000}"
+        self.dir = tempfile.mkdtemp(prefix="sevpn-system-")
+        self.hub_ns = f"{self.tag}-hub"
+        self.hosts: List[str] = []
+        self.processes: List[subprocess.Popen] = []
+        self.namespaces: List[str] = []
+        self.hub_proc: Optional[subprocess.Popen] = None
+        self.cards: Dict[int, subprocess.Popen] = {}
+        self.subnet = 200 + (os.getpid() % 50)
+        try:
+            self._ns(self.hub_ns)
+            for i in range(1, hosts + 1):
+                self.add_host(i)
+        except Exception:
+            self.close()
+            raise
+
+    # namespaces --------------------------------------------------------------
+
+    def _ns(self, name: str) -> None:
+        self.ip("netns", "add", name)
+        self.namespaces.append(name)
+        self.ip("-n", name, "link", "set", "lo", "up")
+
+    def ip(self, *args: str) -> str:
+        return self.run(None, "ip", *args)
+
+    def run(self, ns: Optional[str], *cmd: str, check: bool = True, timeout: float = 120) -> str:
+        full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+        result = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=env())
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(full)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    def host(self, i: int) -> str:
+        return f"{self.tag}-h{i}"
+
+    def hub_addr(self, i: int) -> str:
+        return f"10.{self.subnet}.{i}.1"
+
+    def host_addr(self, i: int) -> str:
+        return f"10.{self.subnet}.{i}.2"
+
+    def tap_addr(self, i: int) -> str:
+        return f"192.168.{self.subnet}.{i}"
+
+    def add_host(self, i: int) -> str:
+        ns = self.host(i)
+        self._ns(ns)
+        self.hosts.append(ns)
+        hv = f"{self.tag}v{i}"[-15:]
+        self.ip("link", "add", hv, "netns", self.hub_ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self.ip("-n", self.hub_ns, "addr", "add", f"{self.hub_addr(i)}/24", "dev", hv)
+        self.ip("-n", ns, "addr", "add", f"{self.host_addr(i)}/24", "dev", "eth0")
+        self.ip("-n", self.hub_ns, "link", "set", hv, "up")
+        self.ip("-n", ns, "link", "set", "eth0", "up")
+        return ns
+
+    # processes ---------------------------------------------------------------
+
+    def spawn(self, ns: str, name: str, *cmd: str) -> subprocess.Popen:
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env(),
+            start_new_session=True,
+        )
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.dir, f"{name}.log"), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def hub_state(self) -> str:
+        return os.path.join(self.dir, "hub")
+
+    def card_state(self, i: int) -> str:
+        return os.path.join(self.dir, f"card{i}")
+
+    def add_user(self, user: str, hub: str = "DEFAULT") -> None:
+        pw = os.path.join(self.dir, "password")
+        with open(pw, "w") as f:
+            f.write(PASSWORD + "\n")
+        if hub != "DEFAULT":
+            sevpn("hub", "create", hub, "--state-dir", self.hub_state, check=False)
+        sevpn("hub", "user", "add", user, "--hub", hub, "--state-dir", self.hub_state, "--password-file", pw)
+
+    def start_hub(self, *extra: str) -> subprocess.Popen:
+        hostnames = []
+        for i in range(1, len(self.hosts) + 1):
+            hostnames += ["--hostname", self.hub_addr(i)]
+        stale = os.path.join(self.hub_state, "control.sock")
+        if os.path.exists(stale):
+            os.unlink(stale)
+        self.hub_proc = self.spawn(
+            self.hub_ns, "hub", os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-hub",
+            "--state-dir", self.hub_state, "--listen", "tcp:5555", *hostnames, *extra,
+        )
+        wait_for(lambda: os.path.exists(os.path.join(self.hub_state, "control.sock")), 30, "the hub to start")
+        return self.hub_proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def start_card(self, i: int, user: Optional[str] = None, connect: bool = True, hub_name: str = "DEFAULT",
+                   password_file: Optional[str] = None, extra=()) -> subprocess.Popen:
+        args = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-nic", "--state-dir", self.card_state(i),
+                "--tap", "sv0"]
+        if connect:
+            args += ["--hub", f"{self.hub_addr(i)}:5555", "--hub-name", hub_name, "--user", user or f"u{i}",
+                     "--password-file", password_file or os.path.join(self.dir, "password"),
+                     "--ca-file", os.path.join(self.hub_state, "ca.pem")]
+        stale = os.path.join(self.card_state(i), "control.sock")
+        if os.path.exists(stale):
+            os.unlink(stale)
+        proc = self.cards[i] = self.spawn(self.host(i), f"card{i}", *args, *extra)
+        ns = self.host(i)
+        wait_for(lambda: os.path.exists(os.path.join(self.card_state(i), "control.sock")) or proc.poll() is not None,
+                 30, f"card {i} to start")
+        if proc.poll() is not None:
+            raise AssertionError(f"card {i} exited: {self.log(f'card{i}')[-2000:]}")
+        self.run(ns, "ip", "addr", "replace", f"{self.tap_addr(i)}/24", "dev", "sv0")
+        return proc
+
+    def card_status(self, i: int) -> dict:
+        return json.loads(sevpn("nic", "status", "--json", "--state-dir", self.card_state(i)).stdout)
+
+    def hub_sessions(self) -> list:
+        return json.loads(sevpn("hub", "sessions", "--json", "--state-dir", self.hub_state).stdout)
+
+    def carrier(self, i: int) -> str:
+        return self.run(self.host(i), "cat", "/sys/class/net/sv0/carrier", check=False).strip()
+
+    def wait_connected(self, i: int, timeout: float = 30) -> dict:
+        return wait_for(lambda: (lambda s: s if s["state"] == "connected" else None)(self.card_status(i)),
+                        timeout, f"card {i} to connect (log: {self.log(f'card{i}')[-1500:]})")
+
+    def ping(self, src: int, dst: int, count: int = 3, check: bool = True) -> bool:
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.host(src), "ping", "-c", str(count), "-i", "0.2", "-W", "2",
+             self.tap_addr(dst)], capture_output=True, text=True, timeout=60,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"ping {src}->{dst} failed: {out.stdout[-500:]}\n"
+                                 f"card{src}: {self.log(f'card{src}')[-1500:]}\nhub: {self.log('hub')[-1500:]}")
+        return out.returncode == 0
+
+    # teardown ----------------------------------------------------------------
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            try:
+                self.stop(proc)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for ns in self.namespaces:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces = []
+        if os.environ.get("SEVPN_KEEP_LOGS"):
+            print(f"system test logs kept in {self.dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
