@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.netns import Topology, skip_reason  # noqa: E402
+from tests.netns import Topology, skip_reason, two_cards  # noqa: E402
 
 DUR = int(os.environ.get("DUR", "10"))
 
@@ -84,12 +84,7 @@ def main():
         topo.run(topo.hub_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
         # through sevpn
         extra = tuple(shlex.split(os.environ.get("SEVPN_NIC_ARGS", "")))
-        topo.add_user("u1")
-        topo.add_user("u2")
-        topo.start_hub()
-        for i in (1, 2):
-            topo.start_card(i, extra=extra)
-            topo.wait_connected(i)
+        two_cards(topo, card_args=extra)
         topo.ping(1, 2)
         results["sevpn"] = measure(topo, topo.tap_addr(2))
     finally:

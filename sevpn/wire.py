@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 MAGIC = b"SEVPN"
 VERSION = 1

@@ -76,6 +76,16 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def two_cards(topo, hub_args=(), card_args=()):
+    """Users u1 and u2, the hub, and a connected card on hosts 1 and 2."""
+    topo.add_user("u1")
+    topo.add_user("u2")
+    topo.start_hub(*hub_args)
+    for i in (1, 2):
+        topo.start_card(i, extra=card_args)
+        topo.wait_connected(i)
+
+
 class Topology:
     """A hub namespace and card-host namespaces, each on its own veth."""
 

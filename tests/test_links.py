@@ -292,7 +292,7 @@ class Reconnect(SynchronousTestCase):
         self.assertEqual(card.attempts, 1)
 
     def test_disconnect_says_goodbye_and_stops(self):
-        a, b = self.lab.card(1), self.lab.card(2)
+        a, _ = self.lab.card(1), self.lab.card(2)
         a.tap_frames([frame(BROADCAST, mac(1))])
         self.lab.network.pump()
         a.disconnect()

@@ -17,7 +17,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.netns import BIN, Topology, env, sevpn, sha256_file, wait_for
+from tests.netns import BIN, Topology, env, sevpn, sha256_file, two_cards, wait_for
 
 
 class SystemTestCase(TestCase):
@@ -265,12 +265,7 @@ class Resumption(SystemTestCase):
 
     @classmethod
     def start(cls, topo):
-        topo.add_user("u1")
-        topo.add_user("u2")
-        topo.start_hub()
-        for i in (1, 2):
-            topo.start_card(i)
-            topo.wait_connected(i)
+        two_cards(topo)
 
     def test_transfer_survives_three_cuts(self):
         topo = self.topo
@@ -309,12 +304,7 @@ class ResumeWindow(SystemTestCase):
 
     @classmethod
     def start(cls, topo):
-        topo.add_user("u1")
-        topo.add_user("u2")
-        topo.start_hub("--resume-window", "3")
-        for i in (1, 2):
-            topo.start_card(i, extra=("--resume-window", "3"))
-            topo.wait_connected(i)
+        two_cards(topo, hub_args=("--resume-window", "3"), card_args=("--resume-window", "3"))
 
     def test_long_cut_ends_the_session(self):
         topo = self.topo

@@ -61,18 +61,20 @@ class RoundTrip(SynchronousTestCase):
         self.assertEqual(bytes(wire.decode_data(body)[2][0]), big)
 
 
+def decode_all(data: bytes) -> None:
+    """Decode every message of C{data} as a receiver would."""
+    for kind, body in wire.Decoder().feed(data):
+        if kind == wire.DATA:
+            wire.decode_data(body)
+        elif kind in (wire.ACK, wire.NULL):
+            wire.decode_ack(body)
+        else:
+            wire.decode_json(kind, body)
+
+
 class BadInput(SynchronousTestCase):
     def assertRefused(self, data, fragment):
-        def run():
-            for kind, body in wire.Decoder().feed(data):
-                if kind == wire.DATA:
-                    wire.decode_data(body)
-                elif kind in (wire.ACK, wire.NULL):
-                    wire.decode_ack(body)
-                else:
-                    wire.decode_json(kind, body)
-
-        e = self.assertRaises(wire.ProtocolError, run)
+        e = self.assertRaises(wire.ProtocolError, decode_all, data)
         self.assertIn(fragment, str(e))
 
     def test_garbage_instead_of_hello(self):
@@ -117,12 +119,6 @@ class BadInput(SynchronousTestCase):
     def test_fuzz(self, data):
         """Random bytes either decode or raise ProtocolError, nothing else."""
         try:
-            for kind, body in wire.Decoder().feed(data):
-                if kind == wire.DATA:
-                    wire.decode_data(body)
-                elif kind in (wire.ACK, wire.NULL):
-                    wire.decode_ack(body)
-                else:
-                    wire.decode_json(kind, body)
+            decode_all(data)
         except wire.ProtocolError:
             pass
