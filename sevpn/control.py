@@ -90,15 +90,6 @@ def listen(reactor, state_dir: str, commands: Dict[str, Callable]):
         os.umask(old)
 
 
-def close(port, state_dir: str) -> None:
-    """Stop listening and remove the socket file."""
-    port.stopListening()
-    try:
-        os.unlink(socket_path(state_dir))
-    except FileNotFoundError:
-        pass
-
-
 def call(state_dir: str, command: str, timeout: float = 10.0, **args):
     """Ask the hub or card running on C{state_dir}; blocking, for the CLI."""
     path = socket_path(state_dir)

@@ -127,7 +127,7 @@ class HubService(Service):
             port.stopListening()
         self.ports = []
         if self.control_port is not None:
-            control.close(self.control_port, self.state_dir)
+            self.control_port.stopListening()  # Twisted removes the socket file
             self.control_port = None
 
     def stopService(self):
@@ -231,7 +231,7 @@ class CardService(Service):
 
     def _close(self):
         if self.control_port is not None:
-            control.close(self.control_port, self.state_dir)
+            self.control_port.stopListening()  # Twisted removes the socket file
             self.control_port = None
         if self.tap is not None:
             self.tap.close()
