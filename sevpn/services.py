@@ -13,9 +13,11 @@ from typing import Iterable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from sevpn import control
 from sevpn.accounts import Account, AccountStore
@@ -32,6 +34,29 @@ from sevpn.users import HubState, StateError
 
 DEFAULT_HUB_STATE = "/var/lib/sevpn/hub"
 DEFAULT_CARD_STATE = "/var/lib/sevpn/nic"
+
+
+class TLSFactory(TLSMemoryBIOFactory):
+    """
+    TLS without Twisted's small-write aggregation.  A link already writes
+    one message per wakeup; holding it for the next reactor iteration only
+    adds latency to every hop.
+    """
+
+    protocol = TLSMemoryBIOProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """C{wrapClientTLS}, with L{TLSFactory}."""
+
+    def __init__(self, options, endpoint) -> None:
+        self.options = options
+        self.endpoint = endpoint
+
+    def connect(self, factory):
+        d = self.endpoint.connect(TLSFactory(self.options, True, factory))
+        return d.addCallback(lambda tls: tls.wrappedProtocol)
 
 
 def _reactor(reactor):
@@ -84,7 +109,7 @@ class HubService(Service):
             self.hub = Hub(
                 state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit, max_age=self.max_age
             )
-            factory = TLSMemoryBIOFactory(
+            factory = TLSFactory(
                 server_tls_options(cert, key), False, HubLinkFactory(self.hub, reactor, self.keepalive)
             )
             for description in self.listen:
@@ -151,7 +176,7 @@ def tls_endpoint_for(reactor):
             raise StateError(f"cannot read the CA file {account.ca_file}: {e.strerror}")
         except Exception as e:
             raise StateError(f"the CA file {account.ca_file} holds no usable certificate ({e})")
-        return wrapClientTLS(options, HostnameEndpoint(reactor, account.host, account.port, timeout=10))
+        return TLSClientEndpoint(options, HostnameEndpoint(reactor, account.host, account.port, timeout=10))
 
     return endpoint_for
 
