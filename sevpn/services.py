@@ -12,7 +12,7 @@ import os
 from typing import Iterable, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -147,21 +147,20 @@ class HubService(Service):
             "resume_window": hub.resume_window,
         }
 
-    def _close(self):
-        for port in self.ports:
-            port.stopListening()
-        self.ports = []
-        if self.control_port is not None:
-            self.control_port.stopListening()  # Twisted removes the socket file
-            self.control_port = None
+    def _close(self) -> list:
+        """Stop listening; return Deferreds that fire when the ports are closed."""
+        ports = self.ports + ([self.control_port] if self.control_port is not None else [])
+        self.ports, self.control_port = [], None
+        return [maybeDeferred(port.stopListening) for port in ports]
 
     def stopService(self):
         """Say goodbye to every card, waiting at most two seconds for it."""
         Service.stopService(self)
         links = self.hub.shutdown() if self.hub is not None else []
-        self._close()
-        done = gatherResults([link.when_closed() for link in links])
-        done.addTimeout(2, _reactor(self.reactor))
+        closing = self._close()
+        goodbyes = gatherResults([link.when_closed() for link in links])
+        goodbyes.addTimeout(2, _reactor(self.reactor))
+        done = gatherResults([goodbyes.addErrback(lambda _: None)] + closing)
         done.addBoth(lambda _: self.log.info("hub stopped"))
         return done
 
@@ -256,7 +255,7 @@ class CardService(Service):
 
     def _close(self):
         if self.control_port is not None:
-            self.control_port.stopListening()  # Twisted removes the socket file
+            self.control_port.stopListening()
             self.control_port = None
         if self.tap is not None:
             self.tap.close()
