@@ -21,6 +21,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sevpn import offload as vnet
+from sevpn import wire
 from sevpn.accounts import Account
 from sevpn.link import Link, Session, describe_failure
 from sevpn.mac import format_mac
@@ -39,14 +41,31 @@ REFUSED = "refused"
 class CardSession(Session):
     """The card's side of a session with the hub."""
 
-    def __init__(self, card: "Card", session_id: str, token: str) -> None:
+    def __init__(self, card: "Card", session_id: str, token: str, wire_offload: bool) -> None:
         super().__init__(card.buffer_limit)
         self.card = card
         self.id = session_id
         self.token = token
         self.started = card.clock.seconds()
+        #: The TAP speaks offload frames but the hub did not agree to carry
+        #: them: the card converts both ways itself.
+        self.convert = card.offload and not wire_offload
+        self.bad_frames = 0
+
+    def send_frames(self, frames) -> None:
+        if self.convert:
+            plain = []
+            for frame in frames:
+                try:
+                    plain.extend(vnet.to_plain(frame))
+                except vnet.BadFrame:
+                    self.bad_frames += 1
+            frames = plain
+        super().send_frames(frames)
 
     def deliver(self, frames) -> None:
+        if self.convert:
+            frames = [vnet.from_plain(f) for f in frames]
         self.card.tap.write_frames(frames)
 
     def link_paused(self) -> None:
@@ -93,6 +112,11 @@ class Card:
         self.failures = 0
         self.unplugged_drops = 0
         self._window = None
+
+    @property
+    def offload(self) -> bool:
+        """Whether the TAP hands over offload super-frames."""
+        return bool(getattr(self.tap, "offload", False))
 
     # the TAP side ----------------------------------------------------------
 
@@ -172,7 +196,7 @@ class Card:
             "user": account.user,
             "password": account.password,
             "mac": format_mac(self.mac),
-            "features": [],
+            "features": [wire.FEATURE_OFFLOAD] if self.offload else [],
         }
         if self.session is not None:
             hello["resume"] = {
@@ -210,7 +234,9 @@ class Card:
                 )
                 self._end_session(None)
             self._cancel_window()
-            session = self.session = CardSession(self, session_id, token)
+            features = welcome.get("features")
+            wire_offload = isinstance(features, list) and wire.FEATURE_OFFLOAD in features
+            session = self.session = CardSession(self, session_id, token, wire_offload)
             session.link = link
             link.session = session
             link.ready = True
@@ -313,6 +339,8 @@ class Card:
             "resume_window": self.resume_window,
             "unplugged_drops": self.unplugged_drops,
             "tap_write_drops": getattr(self.tap, "write_drops", 0),
+            "offload": self.offload,
+            "bad_frames": getattr(self.tap, "bad_frames", 0) + (session.bad_frames if session else 0),
         }
         if session is not None:
             info.update(session.counters())

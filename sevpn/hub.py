@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from sevpn import offload as vnet
+from sevpn import wire
 from sevpn.link import Link, Session
 from sevpn.mac import format_mac, parse_mac
 from sevpn.sequencing import DEFAULT_LIMIT
@@ -50,12 +52,15 @@ REFUSALS = {
 class HubSession(Session):
     """A card's session on one virtual hub: a port of its switch."""
 
-    mac_offset = 0
-
     def __init__(
-        self, hub: "Hub", vhub: VirtualHub, user: str, session_id: str, token: bytes, card_mac: Optional[bytes]
+        self, hub: "Hub", vhub: VirtualHub, user: str, session_id: str, token: bytes, card_mac: Optional[bytes],
+        offload: bool = False,
     ) -> None:
         super().__init__(hub.buffer_limit)
+        #: Frames to and from this card carry a virtio_net_hdr (kernel offload).
+        self.offload = offload
+        self.mac_offset = vnet.HEADER_SIZE if offload else 0
+        self.bad_frames = 0
         self.hub = hub
         self.vhub = vhub
         self.user = user
@@ -73,10 +78,19 @@ class HubSession(Session):
 
     # as a port of the switch -----------------------------------------------
 
-    def enqueue(self, frame) -> None:
+    def enqueue(self, frame, offset: int) -> None:
         if not self.pending:
             self.hub.dirty.append(self)
-        self.pending.append(frame)
+        if offset == self.mac_offset:
+            self.pending.append(frame)
+        elif self.offload:
+            self.pending.append(vnet.from_plain(frame))
+        else:
+            # A super-frame for a card without offload: segment it here.
+            try:
+                self.pending.extend(vnet.to_plain(frame))
+            except vnet.BadFrame:
+                self.bad_frames += 1
 
     def flush(self) -> None:
         frames, self.pending = self.pending, []
@@ -103,6 +117,8 @@ class HubSession(Session):
             "card_mac": format_mac(self.card_mac) if self.card_mac else None,
             "peer": self.peer,
             "state": "connected" if self.link is not None else "held",
+            "offload": self.offload,
+            "bad_frames": self.bad_frames,
             "uptime": round(now - self.started, 1),
         }
         info.update(self.counters())
@@ -185,8 +201,10 @@ class Hub:
                 card_mac = parse_mac(hello["mac"])
             except ValueError:
                 card_mac = None
+        features = hello.get("features")
+        offload = isinstance(features, list) and wire.FEATURE_OFFLOAD in features
         session = HubSession(
-            self, self.vhub(hub_name), user, os.urandom(8).hex(), os.urandom(32), card_mac
+            self, self.vhub(hub_name), user, os.urandom(8).hex(), os.urandom(32), card_mac, offload
         )
         session.peer = peer
         self.sessions[session.id] = session

@@ -63,7 +63,7 @@ class HubLink(Link):
                 "received": session.received.received,
                 "hub": session.vhub.name,
                 "resume_window": self.hub.resume_window,
-                "features": [],
+                "features": [wire.FEATURE_OFFLOAD] if session.offload else [],
             },
         )
         if resumed:

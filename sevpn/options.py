@@ -86,7 +86,10 @@ class CardOptions(_Common):
         ["server-name", None, None, "The name to verify in the hub's certificate (default: the host of --hub)."],
         ["mac", None, None, "Use this MAC instead of the card's own generated one."],
     ] + _COMMON_PARAMS
-    optFlags = [["no-auto-reconnect", None, "Do not reconnect after the link fails."]]
+    optFlags = [
+        ["no-auto-reconnect", None, "Do not reconnect after the link fails."],
+        ["no-offload", None, "Open the TAP without kernel offload (no 64 KiB super-frames; slower)."],
+    ]
 
     def postOptions(self):
         self["keepalive"] = self._keepalive()
@@ -144,4 +147,5 @@ def make_card_service(options: CardOptions):
         keepalive=options["keepalive"],
         resume_window=options["resume-window"],
         buffer_limit=options["resume-buffer"] * 1024 * 1024,
+        offload=not options["no-offload"],
     )

@@ -192,10 +192,12 @@ class CardService(Service):
         keepalive: Optional[Keepalive] = None,
         resume_window: float = DEFAULT_RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
+        offload: bool = True,
         reactor=None,
     ) -> None:
         self.state_dir = state_dir
         self.tap_name = tap_name
+        self.offload = offload
         self.account = account  # an Account, an account name, or None
         self.mac = mac
         self.keepalive = keepalive or Keepalive()
@@ -225,7 +227,7 @@ class CardService(Service):
                 resume_window=self.resume_window,
                 buffer_limit=self.buffer_limit,
             )
-            self.tap = card.tap = TapDevice(self.tap_name, mac, reactor, card.tap_frames)
+            self.tap = card.tap = TapDevice(self.tap_name, mac, reactor, card.tap_frames, self.offload)
             self.card = card
             self.control_port = control.listen(
                 reactor,

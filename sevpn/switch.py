@@ -2,8 +2,11 @@
 The virtual HUB's Ethernet switch: a MAC-learning table per virtual hub.
 
 Pure policy: no reactor, no sockets.  A virtual hub forwards frames between
-I{ports} (the hub's sessions); a port is anything with an C{enqueue(frame)}
-method and a C{mac_offset} (bytes in front of the Ethernet header).  Time
+I{ports} (the hub's sessions); a port is anything with an
+C{enqueue(frame, offset)} method and a C{mac_offset}: the bytes in front of
+the Ethernet header in the frames it sends and wants (an offload header
+for cards with kernel offload, none otherwise).  A port converts frames of
+another offset itself.  Time
 comes in as a number, so aging is tested without waiting.
 
 What it does, as a real switch does:
@@ -34,7 +37,7 @@ DEFAULT_MAX_ENTRIES = 4096
 class Port(Protocol):
     mac_offset: int
 
-    def enqueue(self, frame) -> None: ...
+    def enqueue(self, frame, offset: int) -> None: ...
 
 
 class MacEntry:
@@ -84,6 +87,7 @@ class VirtualHub:
         self.unicast = 0
         self.filtered = 0
         self.not_learned = 0
+        self.runts = 0
 
     # ports -----------------------------------------------------------------
 
@@ -106,9 +110,13 @@ class VirtualHub:
         """Switch C{frames} that arrived on C{source}."""
         table = self.table
         offset = source.mac_offset
+        shortest = offset + 14
         max_age = self.max_age
         last_src = None
         for frame in frames:
+            if len(frame) < shortest:
+                self.runts += 1
+                continue
             dst = bytes(frame[offset : offset + 6])
             src = bytes(frame[offset + 6 : offset + 12])
             if src != last_src:
@@ -128,12 +136,12 @@ class VirtualHub:
                         continue
                     else:
                         self.unicast += 1
-                        entry.port.enqueue(frame)
+                        entry.port.enqueue(frame, offset)
                         continue
             self.flooded += 1
             for port in self.ports:
                 if port is not source:
-                    port.enqueue(frame)
+                    port.enqueue(frame, offset)
 
     def _learn(self, mac: bytes, port: Port, now: float) -> None:
         if mac[0] & 1:

@@ -23,9 +23,13 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sevpn import offload as vnet
 from sevpn import wire
 
 TUNSETCARRIER = 0x400454E2
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 #: Frames read per wakeup at most, so one busy TAP cannot starve the link.
 READ_BUDGET = 256
 READ_SIZE = wire.MAX_FRAME
@@ -39,22 +43,32 @@ class TapError(Exception):
 class TapDevice:
     log = Logger()
 
-    def __init__(self, name: str, mac: bytes, reactor, on_frames: Callable[[List[bytes]], None]) -> None:
+    def __init__(
+        self, name: str, mac: bytes, reactor, on_frames: Callable[[List[bytes]], None], offload: bool = True
+    ) -> None:
         import pytun
 
+        flags = pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
         try:
-            self.device = pytun.TunTapDevice(name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI)
+            self.device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
             raise TapError(f"cannot create TAP device {name}: {e} (is /dev/net/tun there, and are you root?)")
         self.name = self.device.name
         self.fd = self.device.fileno()
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+        #: Frames carry a virtio_net_hdr and may be 64 KiB super-frames.
+        self.offload = offload
+        self.min_frame = wire.MIN_FRAME + (vnet.HEADER_SIZE if offload else 0)
+        if offload:
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", 10))
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         self.reactor = reactor
         self.on_frames = on_frames
         self.reading = False
         self.carrier = False
         self.write_drops = 0
+        self.bad_frames = 0
         self.set_carrier(False)
         self.device.hwaddr = mac
         self.device.up()
@@ -93,7 +107,7 @@ class TapDevice:
                 if e.errno in (errno.EAGAIN, errno.EINTR):
                     break
                 raise
-            if len(frame) < wire.MIN_FRAME:
+            if len(frame) < self.min_frame:
                 continue
             frames.append(frame)
             size += len(frame)
@@ -113,8 +127,13 @@ class TapDevice:
     # writing ---------------------------------------------------------------
 
     def write_frames(self, frames) -> None:
+        """Write frames to the OS; an offload header must pass L{vnet.valid}."""
         write, fd = os.write, self.fd
+        valid = vnet.valid if self.offload else None
         for frame in frames:
+            if valid is not None and not valid(frame):
+                self.bad_frames += 1
+                continue
             try:
                 write(fd, frame)
             except OSError as e:

@@ -52,6 +52,10 @@ NAMES = {
     GOODBYE: "GOODBYE",
 }
 
+#: Handshake feature: data frames carry a 10-byte virtio_net_hdr and may be
+#: 64 KiB kernel super-frames (see L{sevpn.offload}).
+FEATURE_OFFLOAD = "vnet-hdr"
+
 #: The largest body accepted.  A DATA message batches frames up to
 #: L{MAX_BATCH} bytes; a single frame may be a 64 KiB offload super-frame.
 MAX_BODY = 1 << 20

@@ -162,7 +162,8 @@ class FakeTap:
 
     name = "tap-test"
 
-    def __init__(self) -> None:
+    def __init__(self, offload: bool = False) -> None:
+        self.offload = offload
         self.written: List[bytes] = []
         self.carrier = False
         self.reading = False
@@ -217,7 +218,7 @@ class Lab:
             self.user(user, hub=hub)
             self._users.add((user, hub))
         card = Card(
-            self.clock, FakeTap(), mac(n), lambda account: self.network,
+            self.clock, FakeTap(kw.pop("offload", False)), mac(n), lambda account: self.network,
             keepalive=self.keepalive, resume_window=kw.pop("resume_window", self.resume_window),
             buffer_limit=self.buffer_limit, **kw,
         )

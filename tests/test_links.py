@@ -477,7 +477,7 @@ class Tokens(SynchronousTestCase):
         thief.account = thief.test_account
         from sevpn.card import CardSession
 
-        thief.session = CardSession(thief, session_id or self.session.id, token)
+        thief.session = CardSession(thief, session_id or self.session.id, token, False)
         return thief.hello()  # carries the victim's session and token
 
     def test_wrong_user_gets_a_fresh_session(self):
@@ -541,3 +541,64 @@ class Backpressure(SynchronousTestCase):
         self.assertFalse(a.tap.reading)
         a.session.link.resumeProducing()
         self.assertTrue(a.tap.reading)
+
+
+class MixedOffload(SynchronousTestCase):
+    """A card with kernel offload and one without share a virtual hub."""
+
+    def setUp(self):
+        from tests.test_offload import gso, ipv4_tcp, verify_tcp4
+
+        self.gso, self.ipv4_tcp, self.verify = gso, ipv4_tcp, verify_tcp4
+        self.lab = Lab(self)
+        self.fast = self.lab.card(1, offload=True)
+        self.plain = self.lab.card(2)
+        self.fast.tap_frames([b"\0" * 10 + frame(BROADCAST, mac(1))])
+        self.plain.tap_frames([frame(BROADCAST, mac(2), b"hi")])
+        self.lab.network.pump()
+
+    def test_negotiated_per_session(self):
+        sessions = {s["user"]: s["offload"] for s in self.lab.hub.describe_sessions()}
+        self.assertEqual(sessions, {"u1": True, "u2": False})
+        self.assertFalse(self.fast.session.convert)
+
+    def test_super_frame_is_segmented_for_the_plain_card(self):
+        payload = bytes(range(256)) * 20
+        self.fast.tap_frames([self.gso(self.ipv4_tcp(payload), 1, 1000, 34)])
+        self.lab.network.pump()
+        segments = self.plain.tap.written[-6:]
+        self.assertEqual(len(self.plain.tap.written), 1 + 6)  # the broadcast, then six segments
+        for seg in segments:
+            self.verify(seg)
+        self.assertEqual(b"".join(s[54:] for s in segments), payload)
+
+    def test_plain_frames_gain_a_header_for_the_fast_card(self):
+        self.assertEqual(self.fast.tap.written, [b"\0" * 10 + frame(BROADCAST, mac(2), b"hi")])
+
+    def test_bad_header_is_dropped_and_counted(self):
+        self.fast.tap_frames([b"\x40" + b"\0" * 9 + frame(mac(2), mac(1))])
+        self.lab.network.pump()
+        self.assertEqual(len(self.plain.tap.written), 1)
+        [toward_plain] = [s for s in self.lab.hub.describe_sessions() if s["user"] == "u2"]
+        self.assertEqual(toward_plain["bad_frames"], 1)
+
+    def test_card_converts_when_the_hub_does_not_offer_offload(self):
+        from sevpn.card import Card
+
+        original = Card.hello
+
+        def hello(card):
+            h = original(card)
+            h["features"] = ["vnet-hdr-from-the-future"]  # a feature this hub does not know
+            return h
+
+        self.patch(Card, "hello", hello)
+        lab = Lab(self)
+        fast, plain = lab.card(1, offload=True), lab.card(2)
+        self.assertTrue(fast.session.convert)
+        payload = b"q" * 3000
+        fast.tap_frames([self.gso(self.ipv4_tcp(payload), 1, 1000, 34)])
+        plain.tap_frames([frame(mac(1), mac(2), b"back")])
+        lab.network.pump()
+        self.assertEqual(b"".join(s[54:] for s in plain.tap.written), payload)
+        self.assertEqual(fast.tap.written, [b"\0" * 10 + frame(mac(1), mac(2), b"back")])

@@ -13,7 +13,7 @@ class Port:
         self.name = name
         self.got = []
 
-    def enqueue(self, f):
+    def enqueue(self, f, offset):
         self.got.append(bytes(f))
 
     def __repr__(self):
@@ -102,6 +102,19 @@ class Switching(SynchronousTestCase):
         self.assertEqual(dup["sessions"], ["a", "b"])
         self.assertEqual(dup["moves"], 2)
         self.assertEqual(hub.lookup(mac(7), 2), a)  # the latest sender wins
+
+
+class Runts(SynchronousTestCase):
+    def test_frames_shorter_than_their_header_are_dropped(self):
+        hub = VirtualHub("x")
+        a, b = Port("a"), Port("b")
+        a.mac_offset = 10
+        hub.add_port(a)
+        hub.add_port(b)
+        hub.forward(a, [b"\0" * 20, b"\0" * 10 + frame(BROADCAST, mac(1))], 0)
+        self.assertEqual(hub.runts, 1)
+        self.assertEqual(len(b.got), 1)
+        self.assertEqual(hub.lookup(mac(1), 0), a)  # the MAC is read after the header
 
 
 class Isolation(SynchronousTestCase):

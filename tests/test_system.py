@@ -30,6 +30,8 @@ class SystemTestCase(TestCase):
     hosts = 2
     timeout = 300
     topo = None
+    #: Extra flags for every card (the suite runs with offload on and off).
+    card_args = ()
 
     def setUp(self):
         cls = type(self)
@@ -104,8 +106,8 @@ class Core(SystemTestCase):
         topo.add_user("u4")
         topo.start_hub()
         for i in (1, 2):
-            topo.start_card(i)
-        topo.start_card(3, hub_name="OTHER")
+            topo.start_card(i, extra=cls.card_args)
+        topo.start_card(3, hub_name="OTHER", extra=cls.card_args)
         for i in (1, 2, 3):
             topo.wait_connected(i)
 
@@ -145,7 +147,7 @@ class Core(SystemTestCase):
         bad = os.path.join(topo.dir, "wrong-password")
         with open(bad, "w") as f:
             f.write("not the password\n")
-        topo.start_card(4, user="u4", password_file=bad)
+        topo.start_card(4, user="u4", password_file=bad, extra=self.card_args)
         status = wait_for(lambda: (lambda s: s if s["state"] == "refused" else None)(topo.card_status(4)), 30,
                           "card 4 to be refused")
         self.assertIn("user name or password is wrong", status["last_error"])
@@ -156,13 +158,43 @@ class Core(SystemTestCase):
 
     def test_unverifiable_hub_is_refused(self):
         topo = self.topo
-        topo.start_card(5, user="u1", extra=("--server-name", "impostor.example"))
+        topo.start_card(5, user="u1", extra=("--server-name", "impostor.example") + self.card_args)
         status = wait_for(lambda: (lambda s: s if s["last_error"] else None)(topo.card_status(5)), 30,
                           "card 5 to report the certificate problem")
         self.assertIn("certificate", status["last_error"].lower() + topo.log("card5").lower())
         self.assertEqual(status["state"], "connecting")
         self.assertEqual(topo.carrier(5), "0")
         self.assertNotIn("Traceback", topo.log("card5"))
+
+
+class CoreNoOffload(Core):
+    """The same, with cards that open their TAP without kernel offload."""
+
+    card_args = ("--no-offload",)
+
+
+class MixedOffload(SystemTestCase):
+    """A card with kernel offload and one without: the hub segments for the latter."""
+
+    @classmethod
+    def start(cls, topo):
+        topo.add_user("u1")
+        topo.add_user("u2")
+        topo.start_hub()
+        topo.start_card(1)
+        topo.start_card(2, extra=("--no-offload",))
+        for i in (1, 2):
+            topo.wait_connected(i)
+
+    def test_transfers_both_ways(self):
+        topo = self.topo
+        topo.ping(1, 2)
+        self.assertEqual([topo.card_status(i)["offload"] for i in (1, 2)], [True, False])
+        for src, dst in ((1, 2), (2, 1)):
+            result, expected = transfer_result(topo, *transfer(topo, src, dst, 20))
+            self.assertIsNone(result["error"])
+            self.assertEqual(result["sha256"], expected, (src, dst))
+        self.assertEqual(sum(s["bad_frames"] for s in topo.hub_sessions()), 0)
 
 
 class CardLife(SystemTestCase):
@@ -265,7 +297,7 @@ class Resumption(SystemTestCase):
 
     @classmethod
     def start(cls, topo):
-        two_cards(topo)
+        two_cards(topo, card_args=cls.card_args)
 
     def test_transfer_survives_three_cuts(self):
         topo = self.topo
@@ -297,6 +329,10 @@ class Resumption(SystemTestCase):
         self.assertEqual(hub_side["frames_dropped"], 0)
         self.assertEqual(topo.carrier(1), "1")
         self.assertIn("resumed session", topo.log("card1"))
+
+
+class ResumptionNoOffload(Resumption):
+    card_args = ("--no-offload",)
 
 
 class ResumeWindow(SystemTestCase):
