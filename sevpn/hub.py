@@ -95,7 +95,7 @@ class HubSession(Session):
     def flush(self) -> None:
         frames, self.pending = self.pending, []
         link = self.link
-        if link is not None and link.paused:
+        if link is not None and link.full:
             # The card cannot keep up: drop, as a congested switch port does.
             self.congestion_drops += len(frames)
             return

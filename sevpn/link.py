@@ -33,8 +33,12 @@ ACK_FRAMES = 128
 ACK_BYTES = 512 * 1024
 ACK_DELAY = 0.05
 #: Socket send buffer asked for: Twisted re-copies its pending buffer on
-#: partial sends, so a roomy kernel buffer keeps the data path smooth.
-SEND_BUFFER = 4 * 1024 * 1024
+#: partial sends, so a roomy kernel buffer keeps the data path smooth; not
+#: so roomy that it becomes a standing queue (latency under load).
+SEND_BUFFER = 256 * 1024
+#: Bytes a sender may still queue on a link after its transport asked to
+#: pause: the depth of a switch port's queue.  Past it, frames are dropped.
+PORT_QUEUE = 256 * 1024
 
 
 class Session:
@@ -127,6 +131,8 @@ class Link(Protocol):
         #: True once the handshake is done and data may flow.
         self.ready = False
         self.paused = False
+        #: Bytes written since the transport asked to pause.
+        self.backlog = 0
         self.closed = False
         self.goodbye_received = False
         self.goodbye_sent = False
@@ -288,6 +294,8 @@ class Link(Protocol):
 
     def send_data(self, first_seq: int, payload: bytes) -> None:
         self._sent_something = True
+        if self.paused:
+            self.backlog += len(payload)
         self.transport.writeSequence([wire.data_header(first_seq, self._note_acked(), len(payload)), payload])
 
     def send_json(self, kind: int, obj: dict) -> None:
@@ -319,6 +327,11 @@ class Link(Protocol):
 
     # IPushProducer -----------------------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        """The port's queue is full: a switch drops what comes now."""
+        return self.paused and self.backlog >= PORT_QUEUE
+
     def pauseProducing(self) -> None:
         self.paused = True
         if self.session is not None:
@@ -326,6 +339,7 @@ class Link(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.backlog = 0
         if self.session is not None:
             self.session.link_resumed()
 
