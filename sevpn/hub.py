@@ -2,9 +2,10 @@
 The virtual HUB's policy: who may join which virtual hub, the sessions and
 their resume window, and switching frames between them.
 
-No sockets here: links (L{sevpn.hublink.HubLink}) call L{Hub.login} when a
-card says hello, and a session's frames go through its virtual hub's
-switch (L{sevpn.switch.VirtualHub}).  Time comes from the injected clock.
+No sockets here: links (L{sevpn.hublink.HubLink}) call L{Hub.authenticate}
+and then L{Hub.join} when a card says hello, and a session's frames go
+through its virtual hub's switch (L{sevpn.switch.VirtualHub}).  Time comes
+from the injected clock.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hmac
 import os
 from typing import Dict, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -138,7 +140,9 @@ class Hub:
         buffer_limit: int = DEFAULT_LIMIT,
         max_age: float = DEFAULT_MAX_AGE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        verify=maybeDeferred,
     ) -> None:
+        self.verify = verify
         self.state = state
         self.clock = clock
         self.resume_window = resume_window
@@ -158,23 +162,35 @@ class Hub:
 
     # joining ---------------------------------------------------------------
 
-    def login(self, link: Link, hello: dict) -> Tuple[HubSession, bool, int]:
+    def authenticate(self, link: Link, hello: dict) -> Deferred:
         """
-        Authenticate a hello; return the session, whether it was resumed,
-        and the last frame the card says it received.  Raises L{Refused}.
+        Check a hello's credentials: a Deferred that fails with L{Refused}.
+        The slow hash runs where C{self.verify} puts it (a thread, in the
+        hub service), so logins never stall the frames of other sessions.
         """
         hub_name, user, password = hello.get("hub"), hello.get("user"), hello.get("password")
         if not all(isinstance(x, str) for x in (hub_name, user, password)):
-            raise Refused("bad-hello", REFUSALS["bad-hello"])
+            return fail(Refused("bad-hello", REFUSALS["bad-hello"]))
         peer = link.peer_name()
-        code = self.state.authenticate(hub_name, user, password.encode("utf-8"))
-        if code is not None:
-            self.refusals += 1
-            self.log.warn(
-                "refused {user} from {peer} on virtual hub {hub}: {why}",
-                user=user, peer=peer, hub=hub_name, why=REFUSALS[code],
-            )
-            raise Refused(code, REFUSALS[code])
+
+        def checked(code):
+            if code is not None:
+                self.refusals += 1
+                self.log.warn(
+                    "refused {user} from {peer} on virtual hub {hub}: {why}",
+                    user=user, peer=peer, hub=hub_name, why=REFUSALS[code],
+                )
+                raise Refused(code, REFUSALS[code])
+
+        return self.verify(self.state.authenticate, hub_name, user, password.encode("utf-8")).addCallback(checked)
+
+    def join(self, link: Link, hello: dict) -> Tuple[HubSession, bool, int]:
+        """
+        After L{authenticate}: the session (resumed or fresh), whether it
+        was resumed, and the last frame the card says it received.
+        """
+        hub_name, user = hello["hub"], hello["user"]
+        peer = link.peer_name()
         resume = hello.get("resume")
         if isinstance(resume, dict):
             session = self._resumable(resume, user, hub_name)

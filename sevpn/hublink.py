@@ -1,7 +1,7 @@
 """
 The hub's end of a link: the hello/welcome handshake, then data.
 
-A thin adapter: what a hello means is L{sevpn.hub.Hub.login}'s business.
+A thin adapter: what a hello means is L{sevpn.hub.Hub}'s business.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class HubLink(Link):
     def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive) -> None:
         super().__init__(clock, keepalive)
         self.hub = hub
+        self._hello = None
         self._handshake_call = None
 
     def connectionMade(self) -> None:
@@ -39,16 +40,25 @@ class HubLink(Link):
         self._handshake_call = None
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
-        if kind != wire.HELLO or self.session is not None:
+        if kind != wire.HELLO or self._hello is not None:
             raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message")
-        hello = wire.decode_json(kind, body)
-        try:
-            session, resumed, card_received = self.hub.login(self, hello)
-        except Refused as refusal:
-            self.send_json(wire.REFUSED, {"code": refusal.code, "message": refusal.message})
-            self.failure = f"refused: {refusal.message}"
-            self.close()
+        self._hello = hello = wire.decode_json(kind, body)
+        d = self.hub.authenticate(self, hello)
+        d.addCallbacks(self._authenticated, self._refused)
+        d.addErrback(lambda f: self.fail(f"handshake failed: {f.getErrorMessage()}"))
+
+    def _refused(self, failure) -> None:
+        refusal = failure.trap(Refused) and failure.value
+        if self.closed:
             return
+        self.send_json(wire.REFUSED, {"code": refusal.code, "message": refusal.message})
+        self.failure = f"refused: {refusal.message}"
+        self.close()
+
+    def _authenticated(self, _) -> None:
+        if self.closed or self.failure is not None:
+            return  # the card left while its password was checked
+        session, resumed, card_received = self.hub.join(self, self._hello)
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None

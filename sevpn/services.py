@@ -9,10 +9,12 @@ a parameter; the global one is only looked up when none is given.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Iterable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -107,7 +109,8 @@ class HubService(Service):
             state.ensure_default()
             cert, key = ensure_pki(self.state_dir, self.hostnames)
             self.hub = Hub(
-                state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit, max_age=self.max_age
+                state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit,
+                max_age=self.max_age, verify=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
             )
             factory = TLSFactory(
                 server_tls_options(cert, key), False, HubLinkFactory(self.hub, reactor, self.keepalive)

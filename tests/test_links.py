@@ -490,7 +490,8 @@ class Tokens(SynchronousTestCase):
         from tests.support import MemoryTransport
 
         link.makeConnection(MemoryTransport(self.lab.network, 1))
-        session, resumed, _ = self.lab.hub.login(link, hello)
+        self.successResultOf(self.lab.hub.authenticate(link, hello))
+        session, resumed, _ = self.lab.hub.join(link, hello)
         self.assertFalse(resumed)
         self.assertIsNot(session, self.session)
 
@@ -609,3 +610,39 @@ class MixedOffload(SynchronousTestCase):
         lab.network.pump()
         self.assertEqual(b"".join(s[54:] for s in plain.tap.written), payload)
         self.assertEqual(fast.tap.written, [b"\0" * 10 + frame(mac(1), mac(2), b"back")])
+
+
+class SlowLogin(SynchronousTestCase):
+    """The password check runs elsewhere; the hub goes on meanwhile."""
+
+    def setUp(self):
+        from twisted.internet.defer import Deferred
+
+        self.lab = Lab(self)
+        self.a, self.b = self.lab.card(1), self.lab.card(2)
+        self.checks = []
+
+        def verify(f, *args):
+            d = Deferred()
+            self.checks.append((d, f, args))
+            return d
+
+        self.lab.hub.verify = verify
+
+    def test_frames_flow_while_a_password_is_checked(self):
+        c = self.lab.card(3)
+        self.assertEqual(len(self.checks), 1)
+        self.a.tap_frames([frame(BROADCAST, mac(1), b"meanwhile")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(self.b.tap), [b"meanwhile"])
+        d, f, args = self.checks.pop()
+        d.callback(f(*args))
+        self.lab.network.pump()
+        self.assertTrue(c.tap.carrier)
+
+    def test_card_leaves_during_the_password_check(self):
+        self.lab.card(3)
+        self.lab.network.cut()
+        d, f, args = self.checks.pop()
+        d.callback(f(*args))
+        self.assertEqual(sorted(s.user for s in self.lab.hub.sessions.values()), ["u1", "u2"])
