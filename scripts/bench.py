@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.netns import Topology, skip_reason, two_cards  # noqa: E402
+from tests.netns import script_topology, two_cards  # noqa: E402
 
 DUR = int(os.environ.get("DUR", "10"))
 
@@ -69,11 +69,7 @@ def measure(topo, addr):
 
 
 def main():
-    reason = skip_reason()
-    if reason:
-        print(f"bench: cannot run: {reason}", file=sys.stderr)
-        return 1
-    topo = Topology(2)
+    topo = script_topology("bench")
     results = {}
     try:
         # bare veth: host 1 -> hub namespace (forwarding) -> host 2

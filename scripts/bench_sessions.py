@@ -14,7 +14,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.bench import iperf  # noqa: E402
-from tests.netns import Topology, sevpn, skip_reason, two_cards, wait_for  # noqa: E402
+from tests.netns import script_topology, sevpn, two_cards, wait_for  # noqa: E402
 
 COUNT = int(os.environ.get("COUNT", "1000"))
 
@@ -40,11 +40,7 @@ def sessions(topo) -> int:
 
 
 def main():
-    reason = skip_reason()
-    if reason:
-        print(f"bench: cannot run: {reason}", file=sys.stderr)
-        return 1
-    topo = Topology(2)
+    topo = script_topology("bench")
     try:
         two_cards(topo)
         topo.add_user("idle")

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.netns import Topology, sevpn, skip_reason  # noqa: E402
+from tests.netns import script_topology, sevpn  # noqa: E402
 
 
 def step(text):
@@ -23,11 +23,7 @@ def show(cmd):
 
 
 def main():
-    reason = skip_reason()
-    if reason:
-        print(f"demo: cannot run: {reason}", file=sys.stderr)
-        return 1
-    topo = Topology(2)
+    topo = script_topology("demo")
     try:
         step(f"namespaces {topo.hub_ns} (hub), {topo.host(1)} and {topo.host(2)} (cards), joined by veth pairs")
         topo.add_user("alice")

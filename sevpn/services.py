@@ -16,10 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from zope.interface import implementer
 
 from sevpn import control
 from sevpn.accounts import Account, AccountStore
@@ -32,33 +29,11 @@ from sevpn.pki import client_tls_options, ensure_pki, server_tls_options
 from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
+from sevpn.tls import TLSClientEndpoint, TLSFactory
 from sevpn.users import HubState, StateError
 
 DEFAULT_HUB_STATE = "/var/lib/sevpn/hub"
 DEFAULT_CARD_STATE = "/var/lib/sevpn/nic"
-
-
-class TLSFactory(TLSMemoryBIOFactory):
-    """
-    TLS without Twisted's small-write aggregation.  A link already writes
-    one message per wakeup; holding it for the next reactor iteration only
-    adds latency to every hop.
-    """
-
-    protocol = TLSMemoryBIOProtocol
-
-
-@implementer(IStreamClientEndpoint)
-class TLSClientEndpoint:
-    """C{wrapClientTLS}, with L{TLSFactory}."""
-
-    def __init__(self, options, endpoint) -> None:
-        self.options = options
-        self.endpoint = endpoint
-
-    def connect(self, factory):
-        d = self.endpoint.connect(TLSFactory(self.options, True, factory))
-        return d.addCallback(lambda tls: tls.wrappedProtocol)
 
 
 def _reactor(reactor):

@@ -39,6 +39,15 @@ def skip_reason() -> Optional[str]:
     return None
 
 
+def script_topology(script: str, hosts: int = 2) -> "Topology":
+    """A topology for make demo and the benchmarks; exit 1 with the reason if none can be made."""
+    reason = skip_reason()
+    if reason:
+        print(f"{script}: cannot run: {reason}", file=sys.stderr)
+        sys.exit(1)
+    return Topology(hosts)
+
+
 def env() -> Dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
