@@ -94,14 +94,22 @@ class HubSession(Session):
             except vnet.BadFrame:
                 self.bad_frames += 1
 
-    def flush(self) -> None:
+    def flush(self, source: Optional[Link] = None) -> None:
+        """
+        Send what was switched to this card.  If its link is paused, the
+        link that brought the frames stops being read until it resumes
+        (TCP flow control carries that back to the sending card, which
+        stops reading its TAP); only a queue that still overflows, say with
+        floods from many cards, drops frames, as a congested switch port does.
+        """
         frames, self.pending = self.pending, []
         link = self.link
         if link is not None and link.full:
-            # The card cannot keep up: drop, as a congested switch port does.
             self.congestion_drops += len(frames)
             return
         self.send_frames(frames)
+        if link is not None and link.paused and source is not None:
+            link.hold_back(source)
 
     # as a session ----------------------------------------------------------
 
@@ -304,12 +312,12 @@ class Hub:
 
     # switching -------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Send what the last read switched: one write per destination."""
+    def flush(self, source: Optional[Link] = None) -> None:
+        """Send what the last read from C{source} switched: one write per destination."""
         dirty, self.dirty = self.dirty, []
         for session in dirty:
             if session.pending:
-                session.flush()
+                session.flush(source)
 
     def _duplicate(self, vhub: VirtualHub, dup) -> None:
         self.log.warn(

@@ -81,7 +81,7 @@ class HubLink(Link):
 
     def batch_done(self) -> None:
         if self.hub.dirty:
-            self.hub.flush()
+            self.hub.flush(self)
 
 
 class HubLinkFactory(Factory):

@@ -32,9 +32,8 @@ from sevpn.timing import Keepalive
 ACK_FRAMES = 128
 ACK_BYTES = 512 * 1024
 ACK_DELAY = 0.05
-#: Socket send buffer asked for: Twisted re-copies its pending buffer on
-#: partial sends, so a roomy kernel buffer keeps the data path smooth; not
-#: so roomy that it becomes a standing queue (latency under load).
+#: Socket send buffer: roomy enough to keep the data path smooth, not so
+#: roomy that it becomes a standing queue (latency under load).
 SEND_BUFFER = 256 * 1024
 #: Bytes a sender may still queue on a link after its transport asked to
 #: pause: the depth of a switch port's queue.  Past it, frames are dropped.
@@ -146,6 +145,10 @@ class Link(Protocol):
         self._deadline_call = None
         self._ack_call = None
         self._closed_waiters = []
+        #: Links not read until this one's transport has room again.
+        self._held_back = set()
+        #: How many links this one is held back for.
+        self._holds = 0
 
     # connection ------------------------------------------------------------
 
@@ -167,6 +170,7 @@ class Link(Protocol):
     def connectionLost(self, reason) -> None:
         self.closed = True
         self.ready = False
+        self._release()
         for name in ("_keepalive_call", "_deadline_call", "_ack_call"):
             call = getattr(self, name)
             if call is not None and call.active():
@@ -327,6 +331,22 @@ class Link(Protocol):
 
     # IPushProducer -----------------------------------------------------------
 
+    def hold_back(self, source: "Link") -> None:
+        """Stop reading C{source} until this link's transport resumes."""
+        if source is self or source in self._held_back or source.closed:
+            return
+        self._held_back.add(source)
+        source._holds += 1
+        if source._holds == 1:
+            source.transport.pauseProducing()
+
+    def _release(self) -> None:
+        held, self._held_back = self._held_back, set()
+        for source in held:
+            source._holds -= 1
+            if source._holds == 0 and not source.closed:
+                source.transport.resumeProducing()
+
     @property
     def full(self) -> bool:
         """The port's queue is full: a switch drops what comes now."""
@@ -340,6 +360,7 @@ class Link(Protocol):
     def resumeProducing(self) -> None:
         self.paused = False
         self.backlog = 0
+        self._release()
         if self.session is not None:
             self.session.link_resumed()
 

@@ -51,6 +51,8 @@ class MemoryTransport:
         self.producer = None
         self.closed = False
         self.port = port
+        #: The protocol asked not to be given data for now.
+        self.reading_paused = False
 
     def write(self, data: bytes) -> None:
         if not self.disconnecting and not self.closed:
@@ -63,6 +65,12 @@ class MemoryTransport:
         self.disconnecting = True
 
     abortConnection = loseConnection
+
+    def pauseProducing(self) -> None:
+        self.reading_paused = True
+
+    def resumeProducing(self) -> None:
+        self.reading_paused = False
 
     def registerProducer(self, producer, streaming) -> None:
         self.producer = producer
@@ -84,8 +92,8 @@ class Connection:
 
     def pump(self) -> bool:
         moved = False
-        for src, dst in ((self.ct, self.server), (self.st, self.client)):
-            if src.buffer and self.alive:
+        for src, dst, dst_transport in ((self.ct, self.server, self.st), (self.st, self.client, self.ct)):
+            if src.buffer and self.alive and not dst_transport.reading_paused:
                 data, src.buffer = b"".join(src.buffer), []
                 dst.dataReceived(data)
                 moved = True

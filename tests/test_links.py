@@ -518,37 +518,57 @@ class Tokens(SynchronousTestCase):
 
 
 class Backpressure(SynchronousTestCase):
-    def test_full_card_link_drops_at_the_hub_and_counts(self):
-        """A paused link still takes a port queue's worth, then the hub drops."""
-        from sevpn.link import PORT_QUEUE
-
+    def test_a_full_card_holds_back_its_sources(self):
+        """The hub loses nothing: it stops reading the sender until there is room."""
         lab = Lab(self)
         a, b = lab.card(1), lab.card(2)
         b.tap_frames([frame(BROADCAST, mac(2))])
         lab.network.pump()
         hub_b = [s for s in lab.hub.sessions.values() if s.user == "u2"][0]
+        hub_a = [s for s in lab.hub.sessions.values() if s.user == "u1"][0]
         hub_b.link.pauseProducing()
-        size = 60000
         for i in range(10):
-            a.tap_frames([frame(mac(2), mac(1), b"%d" % i * size)])
+            a.tap_frames([frame(mac(2), mac(1), b"%d" % i * 1000)])
             lab.network.pump()
-        queued = -(-PORT_QUEUE // (size + 14))  # batches until the queue is full
-        self.assertEqual(hub_b.congestion_drops, 10 - queued)
-        self.assertEqual(lab.hub.describe_sessions()[1]["frames_dropped"], 10 - queued)
-        self.assertEqual(len(payloads(b.tap)), queued)
+        self.assertEqual(len(payloads(b.tap)), 1)  # one batch went out, then a was held back
+        self.assertTrue(hub_a.link.transport.reading_paused)
         hub_b.link.resumeProducing()
-        a.tap_frames([frame(mac(2), mac(1), b"after")])
         lab.network.pump()
-        self.assertEqual(payloads(b.tap)[-1], b"after")
+        self.assertEqual([p[:1] for p in payloads(b.tap)], [b"%d" % i for i in range(10)])
+        self.assertEqual(hub_b.congestion_drops, 0)
 
-    def test_full_hub_link_pauses_the_tap(self):
+    def test_an_overflowing_port_drops_and_counts(self):
+        """Past the port queue (floods from many cards), the hub drops."""
+        from sevpn.link import PORT_QUEUE
+
+        lab = Lab(self)
+        cards = [lab.card(i) for i in range(1, 8)]
+        lab.network.pump()
+        slow = [s for s in lab.hub.sessions.values() if s.user == "u7"][0]
+        slow.link.pauseProducing()
+        for c in cards[:6]:
+            c.tap_frames([frame(BROADCAST, mac(cards.index(c) + 1), b"x" * 60000)])
+            lab.network.pump()
+        queued = -(-PORT_QUEUE // 60018)
+        self.assertEqual(slow.congestion_drops, 6 - queued)
+        [info] = [s for s in lab.hub.describe_sessions() if s["user"] == "u7"]
+        self.assertEqual(info["frames_dropped"], 6 - queued)
+
+    def test_card_drops_at_the_edge_when_the_hub_stays_full(self):
+        from sevpn.card import QUEUE_TIME
+
         lab = Lab(self)
         a = lab.card(1)
-        self.assertTrue(a.tap.reading)
         a.session.link.pauseProducing()
-        self.assertFalse(a.tap.reading)
+        a.tap_frames([frame(BROADCAST, mac(1))])
+        self.assertEqual(a.status()["frames_dropped"], 0)  # a short burst is queued
+        lab.clock.advance(QUEUE_TIME * 2)
+        a.tap_frames([frame(BROADCAST, mac(1))] * 3)
+        self.assertEqual(a.status()["frames_dropped"], 3)
         a.session.link.resumeProducing()
-        self.assertTrue(a.tap.reading)
+        a.tap_frames([frame(BROADCAST, mac(1))])
+        self.assertEqual(a.status()["frames_dropped"], 3)
+
 
 
 class MixedOffload(SynchronousTestCase):
