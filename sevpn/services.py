@@ -44,6 +44,21 @@ def _reactor(reactor):
     return reactor
 
 
+def release_large_blocks() -> None:
+    """
+    Make glibc return large freed blocks to the OS.  Each password check
+    (scrypt) takes 16 MiB in a pool thread; with glibc's adaptive mmap
+    threshold those blocks would stay resident in every thread's arena
+    (~170 MiB after a login storm instead of ~10).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def fatal(what: str, message: str) -> SystemExit:
     """An error a user must fix: one sentence on stderr, exit status 1."""
     Logger().critical("{message}", message=message)
@@ -78,6 +93,7 @@ class HubService(Service):
 
     def startService(self) -> None:
         reactor = _reactor(self.reactor)
+        release_large_blocks()
         try:
             ensure_dir(self.state_dir)
             state = HubState(self.state_dir)
