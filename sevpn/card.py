@@ -41,6 +41,16 @@ RESUMING = "resuming"
 REFUSED = "refused"
 
 
+class _ReconnectingService(ClientService):
+    """
+    Twisted's reconnecting service, without its log line for every retry
+    (forever, every few seconds during an outage): the card logs what
+    matters once (lost, cannot connect and why, connected, resumed).
+    """
+
+    _log = Logger(observer=lambda event: None)
+
+
 class CardSession(Session):
     """The card's side of a session with the hub."""
 
@@ -152,7 +162,7 @@ class Card:
         )
         from sevpn.cardlink import CardLinkFactory
 
-        self.service = ClientService(
+        self.service = _ReconnectingService(
             _ReportFailures(endpoint, self),
             CardLinkFactory(self),
             retryPolicy=self._retry_delay,

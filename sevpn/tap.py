@@ -52,6 +52,8 @@ class TapDevice:
         try:
             self.device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
+            if "busy" in str(e).lower():
+                raise TapError(f"cannot create TAP device {name}: another program (another card?) already uses it")
             raise TapError(f"cannot create TAP device {name}: {e} (is /dev/net/tun there, and are you root?)")
         self.name = self.device.name
         self.fd = self.device.fileno()
