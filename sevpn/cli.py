@@ -102,7 +102,7 @@ def hub_sessions(args) -> None:
     _table(
         rows,
         ["id", "hub", "user", "peer", "state", "uptime", "frames_in", "frames_out", "resumes",
-         "frames_buffered", "frames_retransmitted", "frames_dropped"],
+         "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"],
     )
 
 
@@ -165,7 +165,7 @@ def account_delete(args) -> None:
 def _print_status(info: dict) -> None:
     for key in ("state", "account", "hub", "hub_name", "user", "tap", "mac", "carrier", "session", "uptime",
                 "reconnects", "resumes", "frames_in", "frames_out", "bytes_in", "bytes_out",
-                "frames_buffered", "frames_retransmitted", "frames_dropped", "last_error"):
+                "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops", "last_error"):
         if key in info:
             print(f"{key + ':':22}{'' if info[key] is None else info[key]}")
 

@@ -6,7 +6,7 @@ L{Link} is the Twisted protocol both sides share: it cuts the stream into
 messages (L{sevpn.wire}), keeps the line alive with NULL packets, declares
 a silent peer dead, acknowledges what arrived, and hands data frames to a
 L{Session}, which outlives links.  The hub's and the card's handshakes are
-small subclasses (L{sevpn.hub.HubLink}, L{sevpn.card.CardLink}).
+small subclasses (L{sevpn.hublink.HubLink}, L{sevpn.cardlink.CardLink}).
 
 Every timer runs on the injected C{clock}, so tests drive it with
 L{twisted.internet.task.Clock}.
@@ -38,6 +38,10 @@ SEND_BUFFER = 256 * 1024
 #: Bytes a sender may still queue on a link after its transport asked to
 #: pause: the depth of a switch port's queue.  Past it, frames are dropped.
 PORT_QUEUE = 256 * 1024
+#: A link paused this long is stalled: the links held back for it are let
+#: go (a stalled card must not stall the cards that send to it), and what
+#: is switched to it is dropped until it takes data again.
+STALL_TIME = 0.5
 
 
 class Session:
@@ -111,7 +115,10 @@ class Session:
             "frames_buffered": self.sent.held,
             "bytes_buffered": self.sent.bytes,
             "frames_retransmitted": self.sent.retransmitted,
-            "frames_dropped": self.sent.dropped + self.congestion_drops,
+            # lost from the resume buffer (it overflowed during an outage)
+            "frames_dropped": self.sent.dropped,
+            # dropped by queue management, as a congested switch port does
+            "congestion_drops": self.congestion_drops,
             "frames_lost_inbound": self.received.lost,
         }
 
@@ -149,6 +156,8 @@ class Link(Protocol):
         self._held_back = set()
         #: How many links this one is held back for.
         self._holds = 0
+        self.stalled = False
+        self._stall_call = None
 
     # connection ------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class Link(Protocol):
         self.closed = True
         self.ready = False
         self._release()
-        for name in ("_keepalive_call", "_deadline_call", "_ack_call"):
+        for name in ("_keepalive_call", "_deadline_call", "_ack_call", "_stall_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -339,6 +348,14 @@ class Link(Protocol):
         source._holds += 1
         if source._holds == 1:
             source.transport.pauseProducing()
+        if self._stall_call is None:
+            self._stall_call = self.clock.callLater(STALL_TIME, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall_call = None
+        if self.paused:
+            self.stalled = True
+            self._release()
 
     def _release(self) -> None:
         held, self._held_back = self._held_back, set()
@@ -349,8 +366,8 @@ class Link(Protocol):
 
     @property
     def full(self) -> bool:
-        """The port's queue is full: a switch drops what comes now."""
-        return self.paused and self.backlog >= PORT_QUEUE
+        """The port's queue is full, or its card stalled: a switch drops what comes now."""
+        return self.paused and (self.stalled or self.backlog >= PORT_QUEUE)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -359,7 +376,11 @@ class Link(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.stalled = False
         self.backlog = 0
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
         self._release()
         if self.session is not None:
             self.session.link_resumed()

@@ -537,6 +537,28 @@ class Backpressure(SynchronousTestCase):
         self.assertEqual([p[:1] for p in payloads(b.tap)], [b"%d" % i for i in range(10)])
         self.assertEqual(hub_b.congestion_drops, 0)
 
+    def test_a_stalled_card_does_not_stall_its_senders(self):
+        from sevpn.link import STALL_TIME
+
+        lab = Lab(self)
+        a, b, c = lab.card(1), lab.card(2), lab.card(3)
+        for i, card in ((1, a), (2, b), (3, c)):
+            card.tap_frames([frame(BROADCAST, mac(i))])
+            lab.network.pump()
+        hub_b = [s for s in lab.hub.sessions.values() if s.user == "u2"][0]
+        hub_b.link.pauseProducing()  # b stops reading and never resumes
+        a.tap_frames([frame(mac(2), mac(1), b"to b")])
+        lab.network.pump()
+        lab.network.run(STALL_TIME * 2)
+        a.tap_frames([frame(mac(3), mac(1), b"to c"), frame(mac(2), mac(1), b"to b again")])
+        lab.network.pump()
+        self.assertEqual(payloads(c.tap)[-1], b"to c")  # a goes on
+        self.assertEqual(hub_b.congestion_drops, 1)  # what is for b is dropped and counted
+        hub_b.link.resumeProducing()
+        a.tap_frames([frame(mac(2), mac(1), b"back")])
+        lab.network.pump()
+        self.assertEqual(payloads(b.tap)[-1], b"back")
+
     def test_an_overflowing_port_drops_and_counts(self):
         """Past the port queue (floods from many cards), the hub drops."""
         from sevpn.link import PORT_QUEUE
@@ -552,7 +574,7 @@ class Backpressure(SynchronousTestCase):
         queued = -(-PORT_QUEUE // 60018)
         self.assertEqual(slow.congestion_drops, 6 - queued)
         [info] = [s for s in lab.hub.describe_sessions() if s["user"] == "u7"]
-        self.assertEqual(info["frames_dropped"], 6 - queued)
+        self.assertEqual(info["congestion_drops"], 6 - queued)
 
     def test_card_drops_at_the_edge_when_the_hub_stays_full(self):
         from sevpn.card import QUEUE_TIME
@@ -561,13 +583,14 @@ class Backpressure(SynchronousTestCase):
         a = lab.card(1)
         a.session.link.pauseProducing()
         a.tap_frames([frame(BROADCAST, mac(1))])
-        self.assertEqual(a.status()["frames_dropped"], 0)  # a short burst is queued
+        self.assertEqual(a.status()["congestion_drops"], 0)  # a short burst is queued
         lab.clock.advance(QUEUE_TIME * 2)
         a.tap_frames([frame(BROADCAST, mac(1))] * 3)
-        self.assertEqual(a.status()["frames_dropped"], 3)
+        self.assertEqual(a.status()["congestion_drops"], 3)
         a.session.link.resumeProducing()
         a.tap_frames([frame(BROADCAST, mac(1))])
-        self.assertEqual(a.status()["frames_dropped"], 3)
+        self.assertEqual(a.status()["congestion_drops"], 3)
+        self.assertEqual(a.status()["frames_dropped"], 0)
 
 
 
