@@ -79,7 +79,10 @@ def user_add(args) -> None:
     if not state.exists(args.hub):
         raise CommandError(f"there is no virtual hub named {args.hub} (create it with 'sevpn hub create {args.hub}')")
     new = state.add_user(args.hub, args.user, _password(args.password_file).encode("utf-8"))
-    print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}")
+    if args.json:
+        _print_json({"hub": args.hub, "user": args.user, "added": new})
+    else:
+        print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}")
 
 
 def user_list(args) -> None:
@@ -91,7 +94,10 @@ def user_list(args) -> None:
 
 def user_delete(args) -> None:
     HubState(args.state_dir).delete_user(args.hub, args.user)
-    print(f"user {args.user} deleted from virtual hub {args.hub}")
+    if args.json:
+        _print_json({"hub": args.hub, "user": args.user, "deleted": True})
+    else:
+        print(f"user {args.user} deleted from virtual hub {args.hub}")
 
 
 def hub_sessions(args) -> None:
@@ -114,6 +120,9 @@ def hub_macs(args) -> None:
     for hub, info in table.items():
         print(f"virtual hub {hub}:")
         _table(info["macs"], ["mac", "session", "age"])
+        c = info["counters"]
+        print(f"  frames flooded {c['flooded']}, sent to one card {c['unicast']}, filtered {c['filtered']}; "
+              f"MACs not learned (table full) {c['not_learned']}, runt frames {c['runts']}")
         for dup in info["duplicates"]:
             print(f"  duplicate MAC {dup['mac']} used by sessions {', '.join(dup['sessions'])}")
 
@@ -211,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     command(hub, "status", hub_status, "the running hub's status", json_flag=True)
     users = hub.add_parser("user", help="users of a virtual hub").add_subparsers(dest="user_command", metavar="COMMAND")
     users.required = True
-    p = command(users, "add", user_add, "add a user or change a password")
+    p = command(users, "add", user_add, "add a user or change a password", json_flag=True)
     p.add_argument("user")
     p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
     p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
     p = command(users, "list", user_list, "list users", json_flag=True)
     p.add_argument("--hub", help="only this virtual hub")
-    p = command(users, "delete", user_delete, "delete a user")
+    p = command(users, "delete", user_delete, "delete a user", json_flag=True)
     p.add_argument("user")
     p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
 

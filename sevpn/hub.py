@@ -339,13 +339,13 @@ class Hub:
         for name in sorted(set(self.state.hubs()) | set(self.vhubs)):
             vhub = self.vhubs.get(name)
             if vhub is None:
-                out[name] = {"macs": [], "duplicates": []}
-            else:
-                vhub.expire(now)
-                out[name] = {
-                    "macs": vhub.describe_table(now, name_of),
-                    "duplicates": vhub.describe_duplicates(name_of),
-                }
+                vhub = VirtualHub(name)  # not used yet: empty, all counters 0
+            vhub.expire(now)
+            out[name] = {
+                "macs": vhub.describe_table(now, name_of),
+                "duplicates": vhub.describe_duplicates(name_of),
+                "counters": vhub.counters(),
+            }
         return out
 
     def token_text(self, session: HubSession) -> str:

@@ -103,9 +103,8 @@ class HubService(Service):
                 state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit,
                 max_age=self.max_age, verify=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
             )
-            factory = TLSFactory(
-                server_tls_options(cert, key), False, HubLinkFactory(self.hub, reactor, self.keepalive)
-            )
+            self.links = HubLinkFactory(self.hub, reactor, self.keepalive)
+            factory = TLSFactory(server_tls_options(cert, key), False, self.links)
             for description in self.listen:
                 result = []
                 serverFromString(reactor, description).listen(factory).addBoth(result.append)
@@ -138,6 +137,8 @@ class HubService(Service):
             "virtual_hubs": hub.state.hubs(),
             "sessions": len(hub.sessions),
             "refusals": hub.refusals,
+            "handshaking": self.links.handshaking,
+            "turned_away": self.links.turned_away,
             "resume_window": hub.resume_window,
         }
 

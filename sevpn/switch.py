@@ -206,6 +206,15 @@ class VirtualHub:
             if now - e.seen <= self.max_age
         ]
 
+    def counters(self) -> dict:
+        return {
+            "flooded": self.flooded,
+            "unicast": self.unicast,
+            "filtered": self.filtered,
+            "not_learned": self.not_learned,
+            "runts": self.runts,
+        }
+
     def describe_duplicates(self, name_of=repr) -> List[dict]:
         return [
             {

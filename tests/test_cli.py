@@ -31,8 +31,9 @@ class Commands(SynchronousTestCase):
     def test_users_on_a_fresh_state_dir(self):
         r = sevpn("hub", "user", "add", "alice", "--state-dir", self.hub, "--password-file", self.pw)
         self.assertEqual(r.returncode, 0, r.stderr)
-        r = sevpn("hub", "user", "add", "bob", "--state-dir", self.hub, input="from-stdin\n")
+        r = sevpn("hub", "user", "add", "bob", "--json", "--state-dir", self.hub, input="from-stdin\n")
         self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout), {"hub": "DEFAULT", "user": "bob", "added": True})
         users = json.loads(sevpn("hub", "user", "list", "--json", "--state-dir", self.hub).stdout)
         self.assertEqual(users, [{"hub": "DEFAULT", "user": "alice"}, {"hub": "DEFAULT", "user": "bob"}])
         path = os.path.join(self.hub, "hubs", "DEFAULT", "users.json")

@@ -69,6 +69,8 @@ class Core(SynchronousTestCase):
         macs = self.lab.hub.describe_macs()
         self.assertEqual([m["mac"] for m in macs["DEFAULT"]["macs"]], ["02:00:00:00:00:01"])
         self.assertEqual(macs["OTHER"]["macs"], [])
+        self.assertEqual(macs["DEFAULT"]["counters"]["flooded"], 2)  # the broadcast and the unknown unicast
+        self.assertEqual(macs["OTHER"]["counters"]["flooded"], 0)
 
     def test_batch_is_one_message_per_destination(self):
         a, b = self.lab.card(1), self.lab.card(2)
@@ -217,6 +219,27 @@ class HostileInput(SynchronousTestCase):
         self.b.tap_frames([frame(BROADCAST, mac(2), b"b lives")])
         self.lab.network.pump()
         self.assertTrue(self.b.tap.carrier)
+
+    def test_connection_flood_is_turned_away(self):
+        from sevpn import hublink
+
+        self.patch(hublink, "MAX_HANDSHAKES", 2)  # the raw peer of setUp holds one
+        self.lab.network.connect(self.raw)
+        self.lab.network.connect(self.raw)
+        self.lab.network.pump()
+        third = self.raw.protocols[-1]
+        self.assertIsNotNone(third.lost)  # turned away at once
+        factory = self.lab.network.server_factory
+        self.assertEqual((factory.handshaking, factory.turned_away), (2, 1))
+        # the cards' sessions are untouched
+        self.a.tap_frames([frame(BROADCAST, mac(1), b"still here")])
+        self.lab.network.pump()
+        self.assertEqual(payloads(self.b.tap), [b"still here"])
+        # once the silent ones time out, connections are admitted again
+        self.lab.network.run(HANDSHAKE_TIMEOUT + 1, step=1)
+        self.assertEqual(factory.handshaking, 0)
+        card = self.lab.card(3)
+        self.assertTrue(card.tap.carrier)
 
     def test_ack_of_never_sent_frame(self):
         self.lab.network.connections[0].ct.write(wire.encode_ack(10**6))
