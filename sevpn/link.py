@@ -99,9 +99,6 @@ class Session:
     def link_paused(self) -> None:
         """The link's transport is full."""
 
-    def link_resumed(self) -> None:
-        """The link's transport has room again."""
-
     def link_lost(self, link: "Link", clean: bool, reason: str) -> None:
         """C{link} is gone; C{clean} if the peer said goodbye."""
 
@@ -382,8 +379,6 @@ class Link(Protocol):
             self._stall_call.cancel()
         self._stall_call = None
         self._release()
-        if self.session is not None:
-            self.session.link_resumed()
 
     def stopProducing(self) -> None:
         pass
