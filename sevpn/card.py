@@ -269,6 +269,10 @@ class Card:
         self.tap.start_reading()
 
     def refused(self, code: str, message: str) -> None:
+        if code == "throttled":
+            # Not a verdict on this account (the address may be shared):
+            # the link's end counts as a failed attempt, retried as usual.
+            return
         self.state = REFUSED
         self.last_error = f"the hub refused the connection: {message}"
         self._end_session(None)

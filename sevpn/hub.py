@@ -25,6 +25,7 @@ from sevpn.link import Link, Session
 from sevpn.mac import format_mac, parse_mac
 from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.switch import DEFAULT_MAX_AGE, VirtualHub
+from sevpn.timing import LoginThrottle
 from sevpn.users import HubState
 
 #: How long a session whose link broke without a goodbye is kept (seed 6).
@@ -48,6 +49,7 @@ REFUSALS = {
     "user-disabled": "this user is disabled on the virtual hub",
     "hub-full": "the hub has reached its session limit",
     "bad-hello": "the hello message is incomplete",
+    "throttled": "too many failed logins from this address; try again later",
 }
 
 
@@ -149,8 +151,10 @@ class Hub:
         max_age: float = DEFAULT_MAX_AGE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         verify=maybeDeferred,
+        throttle: Optional[LoginThrottle] = None,
     ) -> None:
         self.verify = verify
+        self.throttle = throttle or LoginThrottle()
         self.state = state
         self.clock = clock
         self.resume_window = resume_window
@@ -180,9 +184,22 @@ class Hub:
         if not all(isinstance(x, str) for x in (hub_name, user, password)):
             return fail(Refused("bad-hello", REFUSALS["bad-hello"]))
         peer = link.peer_name()
+        address = peer.rsplit(":", 1)[0]
+        now = self.clock.seconds()
+        wait = self.throttle.blocked_for(address, now)
+        if wait:
+            self.refusals += 1
+            self.log.warn(
+                "refused {user} from {peer}: too many failed logins from this address ({wait:.0f} s to go)",
+                user=user, peer=peer, wait=wait,
+            )
+            return fail(Refused("throttled", REFUSALS["throttled"]))
 
         def checked(code):
-            if code is not None:
+            if code is None:
+                self.throttle.succeeded(address)
+            else:
+                self.throttle.failed(address, self.clock.seconds())
                 self.refusals += 1
                 self.log.warn(
                     "refused {user} from {peer} on virtual hub {hub}: {why}",

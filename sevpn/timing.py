@@ -74,3 +74,52 @@ class Keepalive:
     def padding(self) -> bytes:
         low, high = NULL_PADDING
         return self.randbytes(low + int((high - low + 1) * self.random()))
+
+
+class LoginThrottle:
+    """
+    Failed logins per source address.  After C{allowed} failures within
+    C{window} seconds an address is refused without a password check for
+    C{penalty} seconds, doubling with each further failure up to
+    C{max_penalty}: guessing gets slow, and costs the hub no scrypt work.
+    A success clears the address.  The table is bounded (oldest forgotten).
+    """
+
+    def __init__(
+        self,
+        allowed: int = 5,
+        window: float = 60.0,
+        penalty: float = 10.0,
+        max_penalty: float = 300.0,
+        max_entries: int = 10000,
+    ) -> None:
+        self.allowed = allowed
+        self.window = window
+        self.penalty = penalty
+        self.max_penalty = max_penalty
+        self.max_entries = max_entries
+        # address -> [failures, first failure, blocked until, current penalty]
+        self._entries: dict = {}
+        self.refused = 0
+
+    def blocked_for(self, address: str, now: float) -> float:
+        """Seconds this address is still refused (0: it may try)."""
+        entry = self._entries.get(address)
+        if entry is None or entry[2] <= now:
+            return 0.0
+        self.refused += 1
+        return entry[2] - now
+
+    def failed(self, address: str, now: float) -> None:
+        entry = self._entries.get(address)
+        if entry is None or now - entry[1] > max(self.window, entry[3]):
+            if entry is None and len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+            entry = self._entries[address] = [0, now, 0.0, 0.0]
+        entry[0] += 1
+        if entry[0] >= self.allowed:
+            entry[3] = min(self.max_penalty, entry[3] * 2 if entry[3] else self.penalty)
+            entry[2] = now + entry[3]
+
+    def succeeded(self, address: str) -> None:
+        self._entries.pop(address, None)

@@ -124,6 +124,20 @@ class Refusals(SynchronousTestCase):
         card = self.lab.card(1, user="alice", password="right", hub="NOWHERE")
         self.assertRefused(card, "no virtual hub of that name")
 
+    def test_guessing_is_throttled_per_address(self):
+        guesses = [self.lab.card(10 + i, user="alice", password=f"guess{i}") for i in range(5)]
+        self.assertTrue(all(g.state == card_states.REFUSED for g in guesses))
+        checks = []
+        original = self.lab.state.authenticate
+        self.patch(self.lab.state, "authenticate", lambda *a: checks.append(a) or original(*a))
+        # the right password from the same address now waits its turn, unchecked
+        card = self.lab.card(1, user="alice", password="right")
+        self.assertEqual(checks, [])
+        self.assertEqual(card.state, card_states.CONNECTING)  # retried, not given up
+        self.assertIn("too many failed logins", card.last_error)
+        self.lab.network.run(15, step=0.5)
+        self.assertEqual(card.state, card_states.CONNECTED)
+
     def test_connect_again_after_fixing(self):
         card = self.lab.card(1, user="alice", password="wrong")
         self.assertEqual(card.state, card_states.REFUSED)
