@@ -305,14 +305,14 @@ class Resumption(SystemTestCase):
         session = topo.card_status(1)["session"]
         ping = subprocess.Popen(["ip", "netns", "exec", topo.host(1), "ping", "-i", "0.2", "-W", "1",
                                  topo.tap_addr(2)], stdout=subprocess.PIPE, text=True)
-        run = transfer(topo, 1, 2, 50, rate=4 << 20)
+        run = transfer(topo, 1, 2, 50, rate=2 << 20)  # still flowing at the third cut
         try:
             time.sleep(2)
-            cut(topo, 1, 1, hub_side=False)
-            time.sleep(3)
-            cut(topo, 1, 5, hub_side=False)
-            time.sleep(3)
-            cut(topo, 1, 20, hub_side=True)
+            for n, (seconds, hub_side) in enumerate(((1, False), (5, False), (20, True)), 1):
+                cut(topo, 1, seconds, hub_side=hub_side)
+                # one cut, one resume: the next cut comes after this one healed
+                wait_for(lambda n=n: topo.card_status(1)["resumes"] >= n, 30, f"resume {n}")
+                time.sleep(1)
             result, expected = transfer_result(topo, *run)
         finally:
             ping.terminate()
