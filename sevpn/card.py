@@ -8,7 +8,7 @@ frames from the TAP are held, and the session resumes without loss; a
 refusal by the hub stops the retrying and says why.
 
 I/O is injected: the TAP (anything with C{write_frames}, C{set_carrier},
-C{start_reading}, C{stop_reading}) and C{endpoint_for(account)}.
+C{start_reading}) and C{endpoint_for(account)}.
 """
 
 from __future__ import annotations
@@ -251,8 +251,7 @@ class Card:
                 )
                 self._end_session(None)
             self._cancel_window()
-            features = welcome.get("features")
-            wire_offload = isinstance(features, list) and wire.FEATURE_OFFLOAD in features
+            wire_offload = wire.offers(welcome, wire.FEATURE_OFFLOAD)
             session = self.session = CardSession(self, session_id, token, wire_offload)
             session.link = link
             link.session = session
@@ -266,7 +265,6 @@ class Card:
         self.state = CONNECTED
         self.last_error = None
         self.failures = 0
-        self.tap.start_reading()
 
     def refused(self, code: str, message: str) -> None:
         if code == "throttled":

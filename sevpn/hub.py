@@ -100,9 +100,10 @@ class HubSession(Session):
         """
         Send what was switched to this card.  If its link is paused, the
         link that brought the frames stops being read until it resumes
-        (TCP flow control carries that back to the sending card, which
-        stops reading its TAP); only a queue that still overflows, say with
-        floods from many cards, drops frames, as a congested switch port does.
+        (TCP flow control carries that back to the sending card, which drops
+        at its edge if the pause lasts); a queue that still overflows (floods
+        from many cards) or a card that stalled has its frames dropped, as a
+        congested switch port does.
         """
         frames, self.pending = self.pending, []
         link = self.link
@@ -242,8 +243,7 @@ class Hub:
                 card_mac = parse_mac(hello["mac"])
             except ValueError:
                 card_mac = None
-        features = hello.get("features")
-        offload = isinstance(features, list) and wire.FEATURE_OFFLOAD in features
+        offload = wire.offers(hello, wire.FEATURE_OFFLOAD)
         session = HubSession(
             self, self.vhub(hub_name), user, os.urandom(8).hex(), os.urandom(32), card_mac, offload
         )

@@ -64,7 +64,8 @@ class HubLink(Link):
         d.addErrback(lambda f: self.fail(f"handshake failed: {f.getErrorMessage()}"))
 
     def _refused(self, failure) -> None:
-        refusal = failure.trap(Refused) and failure.value
+        failure.trap(Refused)
+        refusal = failure.value
         if self.closed:
             return
         self.send_json(wire.REFUSED, {"code": refusal.code, "message": refusal.message})

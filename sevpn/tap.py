@@ -63,7 +63,7 @@ class TapDevice:
         self.offload = offload
         self.min_frame = wire.MIN_FRAME + (vnet.HEADER_SIZE if offload else 0)
         if offload:
-            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", 10))
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", vnet.HEADER_SIZE))
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         self.reactor = reactor
         self.on_frames = on_frames

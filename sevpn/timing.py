@@ -100,14 +100,12 @@ class LoginThrottle:
         self.max_entries = max_entries
         # address -> [failures, first failure, blocked until, current penalty]
         self._entries: dict = {}
-        self.refused = 0
 
     def blocked_for(self, address: str, now: float) -> float:
         """Seconds this address is still refused (0: it may try)."""
         entry = self._entries.get(address)
         if entry is None or entry[2] <= now:
             return 0.0
-        self.refused += 1
         return entry[2] - now
 
     def failed(self, address: str, now: float) -> None:

@@ -56,6 +56,12 @@ NAMES = {
 #: 64 KiB kernel super-frames (see L{sevpn.offload}).
 FEATURE_OFFLOAD = "vnet-hdr"
 
+
+def offers(handshake: dict, feature: str) -> bool:
+    """Whether a HELLO or WELCOME lists C{feature}."""
+    features = handshake.get("features")
+    return isinstance(features, list) and feature in features
+
 #: The largest body accepted.  A DATA message batches frames up to
 #: L{MAX_BATCH} bytes; a single frame may be a 64 KiB offload super-frame.
 MAX_BODY = 1 << 20
