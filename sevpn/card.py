@@ -30,9 +30,6 @@ from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.timing import Backoff, Keepalive
 
 DEFAULT_RESUME_WINDOW = 60.0
-#: How long the link to the hub may stay full before the card drops what
-#: its OS sends (rather than letting a queue, and latency, build up).
-QUEUE_TIME = 0.005
 
 IDLE = "disconnected"
 CONNECTING = "connecting"
@@ -64,13 +61,13 @@ class CardSession(Session):
         #: them: the card converts both ways itself.
         self.convert = card.offload and not wire_offload
         self.bad_frames = 0
-        self.paused_at = 0.0
 
     def send_frames(self, frames) -> None:
         link = self.link
-        if link is not None and link.paused and self.card.clock.seconds() - self.paused_at > QUEUE_TIME:
-            # A standing queue: the hub cannot take more.  Drop at the edge,
-            # so the applications' TCP backs off instead of queueing deeper.
+        if link is not None and link.full:
+            # The link to the hub is a switch port like any other: once its
+            # queue is full, drop at the edge, so the applications' TCP backs
+            # off instead of queueing deeper (latency under load).
             self.congestion_drops += len(frames)
             return
         if self.convert:
@@ -87,9 +84,6 @@ class CardSession(Session):
         if self.convert:
             frames = [vnet.from_plain(f) for f in frames]
         self.card.tap.write_frames(frames)
-
-    def link_paused(self) -> None:
-        self.paused_at = self.card.clock.seconds()
 
     def link_lost(self, link: Link, clean: bool, reason: str) -> None:
         self.card.link_lost(link, clean, reason)

@@ -4,18 +4,28 @@ TLS for links: Twisted's memory-BIO TLS, fed and drained in large pieces.
 L{TLSMemoryBIOProtocol} hands OpenSSL 16 KiB per call (after slicing a
 copy), reads the outgoing BIO 32 KiB at a time, and calls up into the
 protocol once per received record.  At gigabit rates that per-record
-Python is most of the cost of a hop.  A link writes whole DATA messages
-(up to 256 KiB) and a memory BIO never blocks, so here one C{send}
-encrypts a whole message, one pass drains the BIO into one transport
-write, and the records of one socket read reach the link in one call.
+Python is most of the cost of a hop.  Here:
 
-Also no small-write aggregation (Twisted's default BufferingTLSTransport):
-a link already writes once per wakeup, and waiting for the next reactor
-iteration only adds latency to every hop.
+ - one C{SSL_write} encrypts a whole message (partial writes off: the
+   BIO is memory and never blocks);
+ - the outgoing BIO is drained with one C{BIO_read} into a scratch buffer
+   shared by all links, and handed straight to the socket when nothing is
+   queued before it; only what the socket does not take is copied and
+   left to the reactor (no extra reactor iteration per hop: latency);
+ - all records of one socket read are decrypted back to back into that
+   scratch buffer with C{SSL_read}, and reach the link in one call.
 
-This leans on three methods of L{TLSMemoryBIOProtocol} that are not public
-API (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO}); the real-TLS tests
-(tests/test_tls.py) and every system test go through them.
+No small-write aggregation either (Twisted's default
+BufferingTLSTransport): a link already writes once per wakeup.
+
+This leans on what is not public API: three methods of
+L{TLSMemoryBIOProtocol} (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO})
+and pyOpenSSL's cffi binding and handles (C{OpenSSL._util.lib},
+C{Connection._ssl}, C{Connection._from_ssl}).  constraints.txt pins the
+versions; tests/test_tls.py checks every byte across real TLS, including
+writes larger than the scratch buffer and partial socket writes, and every
+system test goes through it.  Without the binding, Twisted's own methods
+run (slower, same bytes).
 """
 
 from __future__ import annotations
@@ -27,11 +37,36 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-#: The most bytes taken out of a BIO per call.
-CHUNK = 1 << 18
+try:  # pyOpenSSL's cffi binding of OpenSSL: the per-record fast path
+    from OpenSSL._util import ffi as _ffi, lib as _lib
+
+    _PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
+    _lib = None
+
+#: Scratch space for one pass of records in or out.  Every link of the
+#: process shares it: the reactor runs one callback at a time, and nothing
+#: keeps a view of it past the call that filled it.
+SCRATCH = 1 << 19
+_scratch = None
+
+
+def _scratch_buffer():
+    global _scratch
+    if _scratch is None:
+        _scratch = _ffi.new("char[]", SCRATCH)
+    return _scratch
 
 
 class LinkTLSProtocol(TLSMemoryBIOProtocol):
+    def makeConnection(self, transport) -> None:
+        TLSMemoryBIOProtocol.makeConnection(self, transport)
+        if _lib is not None:
+            # One SSL_write takes a whole message (the BIO is memory, it
+            # never blocks) instead of returning after every record.
+            _lib.SSL_clear_mode(self._tlsConnection._ssl, _PARTIAL_WRITE)
+
     def _write(self, data) -> None:
         if self._lostTLSConnection:
             return
@@ -49,33 +84,62 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        chunks = []
+        if _lib is None:  # pragma: no cover
+            return TLSMemoryBIOProtocol._flushSendBIO(self)
+        scratch = _scratch_buffer()
+        bio = self._tlsConnection._from_ssl
         while True:
+            n = _lib.BIO_read(bio, scratch, SCRATCH)
+            if n <= 0:
+                return
+            self._send(_ffi.buffer(scratch, n))
+            if n < SCRATCH:
+                return
+
+    def _send(self, data) -> None:
+        """
+        Hand C{data} (a view of the scratch buffer) to the socket now if
+        nothing is queued before it; only what the socket does not take is
+        copied, to wait for the reactor.
+        """
+        transport = self.transport
+        sock = getattr(transport, "socket", None)
+        sent = 0
+        if not (sock is None or transport.dataBuffer or transport._tempDataBuffer
+                or not transport.connected or transport.disconnecting):
             try:
-                chunks.append(self._tlsConnection.bio_read(CHUNK))
-            except WantReadError:
-                break
-        if chunks:
-            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # full (EAGAIN), or broken: Twisted's write reports that
+        if sent < len(data):
+            transport.write(data[sent:])
 
     def _flushReceiveBIO(self) -> None:
-        received = []
+        if _lib is None:  # pragma: no cover
+            return TLSMemoryBIOProtocol._flushReceiveBIO(self)
+        scratch = _scratch_buffer()
+        ssl = self._tlsConnection._ssl
+        got = 0
         while not self._lostTLSConnection:
-            try:
-                received.append(self._tlsConnection.recv(CHUNK))
-            except WantReadError:
+            if got == SCRATCH:
+                self._deliver(got)
+                got = 0
+            n = _lib.SSL_read(ssl, scratch + got, SCRATCH - got)
+            if n > 0:
+                got += n
+                continue
+            if _lib.SSL_get_error(ssl, n) == _WANT_READ:
                 break
-            except Error:
-                # The end of TLS (clean or not): deliver what came before
-                # it, then let Twisted handle the ending as it always does.
-                self._deliver(received)
-                return TLSMemoryBIOProtocol._flushReceiveBIO(self)
-        self._deliver(received)
+            # The end of TLS (clean or not): deliver what came before it,
+            # then let Twisted read the ending again and handle it as always.
+            self._deliver(got)
+            return TLSMemoryBIOProtocol._flushReceiveBIO(self)
+        self._deliver(got)
         self._flushSendBIO()
 
-    def _deliver(self, received) -> None:
-        if received and not self._aborted:
-            ProtocolWrapper.dataReceived(self, received[0] if len(received) == 1 else b"".join(received))
+    def _deliver(self, size: int) -> None:
+        if size and not self._aborted:
+            ProtocolWrapper.dataReceived(self, _ffi.buffer(_scratch, size)[:])
 
 
 class TLSFactory(TLSMemoryBIOFactory):

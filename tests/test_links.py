@@ -614,21 +614,25 @@ class Backpressure(SynchronousTestCase):
         self.assertEqual(info["congestion_drops"], 6 - queued)
 
     def test_card_drops_at_the_edge_when_the_hub_stays_full(self):
-        from sevpn.card import QUEUE_TIME
+        """A card's link to the hub queues like a switch port: up to PORT_QUEUE, then drops."""
+        from sevpn.link import PORT_QUEUE
 
         lab = Lab(self)
         a = lab.card(1)
         a.session.link.pauseProducing()
-        a.tap_frames([frame(BROADCAST, mac(1))])
-        self.assertEqual(a.status()["congestion_drops"], 0)  # a short burst is queued
-        lab.clock.advance(QUEUE_TIME * 2)
-        a.tap_frames([frame(BROADCAST, mac(1))] * 3)
+        big = frame(BROADCAST, mac(1), b"x" * 60000)
+        queued = -(-PORT_QUEUE // len(big))
+        for _ in range(queued):
+            a.tap_frames([big])
+        self.assertEqual(a.status()["congestion_drops"], 0)  # a burst is queued
+        a.tap_frames([big] * 3)
         self.assertEqual(a.status()["congestion_drops"], 3)
         a.session.link.resumeProducing()
-        a.tap_frames([frame(BROADCAST, mac(1))])
+        a.tap_frames([big])
         self.assertEqual(a.status()["congestion_drops"], 3)
         self.assertEqual(a.status()["frames_dropped"], 0)
-
+        lab.network.pump()
+        self.assertEqual(a.status()["frames_out"], queued + 1)
 
 
 class MixedOffload(SynchronousTestCase):

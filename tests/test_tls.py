@@ -6,10 +6,12 @@ transport's producer before closing, or TLS would wait for it forever).
 
 import os
 import shutil
+import socket
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -79,3 +81,75 @@ class RealTLS(TestCase):
         yield eventually(lambda: card.last_error, "a verification error")
         self.assertIn("not signed by the trusted CA", card.last_error)
         self.assertEqual(self.service.hub.sessions, {})
+
+
+
+class _Collector(Protocol):
+    """Writes C{payload} in C{pieces} on connecting; collects what arrives."""
+
+    def __init__(self, payload=b"", pieces=(), expect=0):
+        self.payload, self.pieces, self.expect = payload, pieces, expect
+        self.received = []
+        self.done = Deferred()
+        self.lost = Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    def connectionMade(self):
+        # a small socket buffer: most writes are only partly taken at once
+        self.transport.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        at = 0
+        for size in self.pieces:
+            self.transport.write(self.payload[at:at + size])
+            at += size
+
+    def dataReceived(self, data):
+        self.received.append(data)
+        if sum(map(len, self.received)) >= self.expect and not self.done.called:
+            self.done.callback(b"".join(self.received))
+
+
+class LinkTLSStream(TestCase):
+    """
+    The link's TLS transport carries every byte in order, whatever the
+    write sizes: records gathered in one pass, writes larger than its
+    scratch space, and what the socket could not take at once.
+    """
+
+    @inlineCallbacks
+    def test_bytes_cross_intact_both_ways(self):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory
+
+        from sevpn import tls
+        from sevpn.pki import client_tls_options, ensure_pki, server_tls_options
+
+        state = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, state)
+        cert, key = ensure_pki(state, ["127.0.0.1"])
+        up, down = os.urandom(3 * tls.SCRATCH + 12345), os.urandom(2 * tls.SCRATCH + 7)
+        # small, record-sized, a DATA batch, larger than the scratch space, the rest
+        pieces = [1, 100, 16384, 256 * 1024, tls.SCRATCH + 1]
+        pieces.append(len(up) - sum(pieces))
+        hub = _Collector(expect=len(up))
+        # the answer goes only once all has arrived: nothing else comes by
+        # to flush what a write left behind
+        hub.done.addCallback(lambda got: hub.transport.write(down) or got)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            tls.TLSFactory(server_tls_options(cert, key), False, Factory.forProtocol(lambda: hub)))
+        self.addCleanup(port.stopListening)
+        endpoint = tls.TLSClientEndpoint(
+            client_tls_options(os.path.join(state, "ca.pem"), "127.0.0.1"),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
+        card = yield endpoint.connect(Factory.forProtocol(lambda: _Collector(up, pieces, expect=len(down))))
+        got_up = yield hub.done
+        got_down = yield card.done
+        card.transport.loseConnection()
+        yield card.lost
+        yield hub.lost
+        for got, sent in ((got_up, up), (got_down, down)):
+            self.assertEqual(len(got), len(sent))
+            self.assertTrue(got == sent, "the bytes that arrived differ from what was sent")
+
+    test_bytes_cross_intact_both_ways.timeout = 30
