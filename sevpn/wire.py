@@ -65,8 +65,10 @@ def offers(handshake: dict, feature: str) -> bool:
 #: The largest body accepted.  A DATA message batches frames up to
 #: L{MAX_BATCH} bytes; a single frame may be a 64 KiB offload super-frame.
 MAX_BODY = 1 << 20
-#: The most frame bytes a sender puts into one DATA message.
-MAX_BATCH = 256 * 1024
+#: The most frame bytes a sender puts into one DATA message.  A message is
+#: forwarded only once whole, so this is also the store-and-forward delay
+#: of every hop under load: two super-frames.
+MAX_BATCH = 128 * 1024
 #: The largest single Ethernet frame (a 64 KiB GSO super-frame, its
 #: Ethernet header and a virtio-net header fit).
 MAX_FRAME = 65536 + 64

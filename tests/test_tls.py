@@ -122,7 +122,7 @@ class LinkTLSStream(TestCase):
         from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
         from twisted.internet.protocol import Factory
 
-        from sevpn import tls
+        from sevpn import tls, wire
         from sevpn.pki import client_tls_options, ensure_pki, server_tls_options
 
         state = tempfile.mkdtemp()
@@ -130,7 +130,7 @@ class LinkTLSStream(TestCase):
         cert, key = ensure_pki(state, ["127.0.0.1"])
         up, down = os.urandom(3 * tls.SCRATCH + 12345), os.urandom(2 * tls.SCRATCH + 7)
         # small, record-sized, a DATA batch, larger than the scratch space, the rest
-        pieces = [1, 100, 16384, 256 * 1024, tls.SCRATCH + 1]
+        pieces = [1, 100, 16384, wire.MAX_BATCH, tls.SCRATCH + 1]
         pieces.append(len(up) - sum(pieces))
         hub = _Collector(expect=len(up))
         # the answer goes only once all has arrived: nothing else comes by
