@@ -12,8 +12,9 @@ Python is most of the cost of a hop.  Here:
    shared by all links, and handed straight to the socket when nothing is
    queued before it; only what the socket does not take is copied and
    left to the reactor (no extra reactor iteration per hop: latency);
- - all records of one socket read are decrypted back to back into that
-   scratch buffer with C{SSL_read}, and reach the link in one call.
+ - the socket is read 256 KiB at a time (Twisted reads 64 KiB) into one
+   shared buffer, and all records of a read are decrypted back to back
+   into the scratch buffer with C{SSL_read}, reaching the link in one call.
 
 No small-write aggregation either (Twisted's default
 BufferingTLSTransport): a link already writes once per wakeup.
@@ -31,6 +32,7 @@ run (slower, same bytes).
 from __future__ import annotations
 
 from OpenSSL.SSL import Error, WantReadError
+from twisted.internet import main
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -45,11 +47,19 @@ try:  # pyOpenSSL's cffi binding of OpenSSL: the per-record fast path
 except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
     _lib = None
 
+#: Bytes taken from the socket per read (Twisted's TCP transport reads
+#: 64 KiB): a DATA message is up to 128 KiB, and each read is a trip
+#: through the reactor, TLS and the link.  Side by side on the bench
+#: machine, 256 KiB reads moved 15-20% more.
+READ_SIZE = 1 << 18
 #: Scratch space for one pass of records in or out.  Every link of the
 #: process shares it: the reactor runs one callback at a time, and nothing
 #: keeps a view of it past the call that filled it.
 SCRATCH = 1 << 19
 _scratch = None
+#: The socket reads' buffer, shared the same way: OpenSSL copies what is
+#: read into its BIO before the call returns.
+_inbox = None
 
 
 def _scratch_buffer():
@@ -62,6 +72,7 @@ def _scratch_buffer():
 class LinkTLSProtocol(TLSMemoryBIOProtocol):
     def makeConnection(self, transport) -> None:
         TLSMemoryBIOProtocol.makeConnection(self, transport)
+        _read_in_large_pieces(transport)
         if _lib is not None:
             # One SSL_write takes a whole message (the BIO is memory, it
             # never blocks) instead of returning after every record.
@@ -140,6 +151,35 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
     def _deliver(self, size: int) -> None:
         if size and not self._aborted:
             ProtocolWrapper.dataReceived(self, _ffi.buffer(_scratch, size)[:])
+
+
+def _read_in_large_pieces(transport) -> None:
+    """
+    Make a TCP transport read L{READ_SIZE} bytes at a time.  Its read
+    size is also its write buffer's pause threshold (C{bufferSize}), which
+    must stay as it is, so only the read is replaced, as Twisted's own.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None or not hasattr(transport, "doRead"):
+        return  # not a TCP transport (tests): nothing to tune
+    recv_into = sock.recv_into
+
+    def doRead():
+        global _inbox
+        if _inbox is None:
+            _inbox = memoryview(bytearray(READ_SIZE))
+        try:
+            n = recv_into(_inbox)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        transport.protocol.dataReceived(_inbox[:n])
+        return None
+
+    transport.doRead = doRead
 
 
 class TLSFactory(TLSMemoryBIOFactory):
