@@ -21,8 +21,9 @@ BufferingTLSTransport): a link already writes once per wakeup.
 
 This leans on what is not public API: three methods of
 L{TLSMemoryBIOProtocol} (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO})
-and pyOpenSSL's cffi binding and handles (C{OpenSSL._util.lib},
-C{Connection._ssl}, C{Connection._from_ssl}).  constraints.txt pins the
+pyOpenSSL's cffi binding and handles (C{OpenSSL._util.lib},
+C{Connection._ssl}, C{Connection._from_ssl}), and the TCP transport's
+C{doRead}, replaced per connection.  constraints.txt pins the
 versions; tests/test_tls.py checks every byte across real TLS, including
 writes larger than the scratch buffer and partial socket writes, and every
 system test goes through it.  Without the binding, Twisted's own methods
