@@ -20,7 +20,7 @@ No small-write aggregation either (Twisted's default
 BufferingTLSTransport): a link already writes once per wakeup.
 
 This leans on what is not public API: three methods of
-L{TLSMemoryBIOProtocol} (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO})
+L{TLSMemoryBIOProtocol} (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO}),
 pyOpenSSL's cffi binding and handles (C{OpenSSL._util.lib},
 C{Connection._ssl}, C{Connection._from_ssl}), and the TCP transport's
 C{doRead}, replaced per connection.  constraints.txt pins the
