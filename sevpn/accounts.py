@@ -11,10 +11,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
+from sevpn import defaults
 from sevpn.files import ensure_dir, read_json, write_json
 from sevpn.users import DEFAULT_HUB, StateError, check_name
 
-DEFAULT_PORT = 5555
+DEFAULT_PORT = defaults.PORT
 
 
 def parse_hub_address(text: str) -> Tuple[str, int]:

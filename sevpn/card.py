@@ -1,152 +1,298 @@
 """
 The virtual LAN card's policy: its life on a real line.
 
-Seed facts 4-6 as states: the cable is unplugged (no carrier) until a hub
-welcomes the card; a lost link is retried forever (L{ClientService} with
-L{sevpn.timing.Backoff}); within the resume window the carrier stays up,
-frames from the TAP are held, and the session resumes without loss; a
-refusal by the hub stops the retrying and says why.
+A card is a TAP port (what the OS sees as a network card) joined by a
+L{sevpn.port.Cable} to the port of its session with a virtual hub.  Its
+life is an Automat state machine (the transition table is at the end of
+L{Card}):
 
-I/O is injected: the TAP (anything with C{write_frames}, C{set_carrier},
-C{start_reading}) and C{endpoint_for(account)}.
+ - I{disconnected}: the cable is unplugged (no carrier), nothing is dialled;
+ - I{connecting}: dialling the hub, retrying forever with
+   L{sevpn.timing.Backoff}; still no carrier;
+ - I{connected}: the hub welcomed the card: carrier up, frames flow;
+ - I{resuming}: the link broke without a goodbye: the carrier stays up, the
+   OS's frames are held, and the card redials to take its session back
+   within the resume window, losing nothing;
+ - I{refused}: the hub said no (wrong password, ...): no retrying until
+   the user connects again.
+
+The card dials by itself (a reconnecting client on the injected clock), so
+every retry, give-up and timer is a transition of this machine rather than
+of a service hidden underneath.  I/O is injected: the TAP port and
+C{endpoint_for(account)}.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from twisted.application.internet import ClientService
+from automat import MethodicalMachine
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from sevpn import offload as vnet
-from sevpn import wire
+from sevpn import defaults, wire
 from sevpn.accounts import Account
-from sevpn.link import Link, Session, describe_failure
+from sevpn.link import Link, describe_failure
 from sevpn.mac import format_mac
+from sevpn.port import Cable, Port, SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT
+from sevpn.session import Session
 from sevpn.timing import Backoff, Keepalive
 
-DEFAULT_RESUME_WINDOW = 60.0
-
-IDLE = "disconnected"
+DISCONNECTED = "disconnected"
 CONNECTING = "connecting"
 CONNECTED = "connected"
 RESUMING = "resuming"
 REFUSED = "refused"
 
 
-class _ReconnectingService(ClientService):
-    """
-    Twisted's reconnecting service, without its log line for every retry
-    (forever, every few seconds during an outage): the card logs what
-    matters once (lost, cannot connect and why, connected, resumed).
-    """
-
-    _log = Logger(observer=lambda event: None)
-
-
 class CardSession(Session):
-    """The card's side of a session with the hub."""
+    """The card's side of a session with the hub, and its port toward it."""
 
-    def __init__(self, card: "Card", session_id: str, token: str, wire_offload: bool) -> None:
+    def __init__(self, card: "Card", welcome: wire.Welcome) -> None:
         super().__init__(card.buffer_limit)
-        self.card = card
-        self.id = session_id
-        self.token = token
+        self.id = welcome.session
+        self.token = welcome.token
         self.started = card.clock.seconds()
-        #: The TAP speaks offload frames but the hub did not agree to carry
-        #: them: the card converts both ways itself.
-        self.convert = card.offload and not wire_offload
-        self.bad_frames = 0
+        offload = wire.FEATURE_OFFLOAD in welcome.features
+        self.port = SessionPort("uplink", self, card.clock, mac_offset=10 if offload else 0)
 
-    def send_frames(self, frames) -> None:
-        link = self.link
-        if link is not None and link.full:
-            # The link to the hub is a switch port like any other: once its
-            # queue is full, drop at the edge, so the applications' TCP backs
-            # off instead of queueing deeper (latency under load).
-            self.congestion_drops += len(frames)
-            return
-        if self.convert:
-            plain = []
-            for frame in frames:
-                try:
-                    plain.extend(vnet.to_plain(frame))
-                except vnet.BadFrame:
-                    self.bad_frames += 1
-            frames = plain
-        super().send_frames(frames)
-
-    def deliver(self, frames) -> None:
-        if self.convert:
-            frames = [vnet.from_plain(f) for f in frames]
-        self.card.tap.write_frames(frames)
-
-    def link_lost(self, link: Link, clean: bool, reason: str) -> None:
-        self.card.link_lost(link, clean, reason)
+    def resume_request(self) -> wire.Resume:
+        return wire.Resume(self.id, self.token, self.delivered)
 
 
 class Card:
+    """
+    A virtual LAN card: see the module docstring.
+
+    @param clock: the reactor (C{callLater}, C{seconds}).
+    @param tap: the TAP port; C{set_carrier(bool)}, C{carrier}, C{name}.
+    @param endpoint_for: C{account -> IStreamClientEndpoint}; raises a
+        L{sevpn.users.StateError} with a sentence if the account is unusable.
+    """
+
+    _machine = MethodicalMachine()
     log = Logger()
 
     def __init__(
         self,
-        reactor,
-        tap,
+        clock,
+        tap: Port,
         mac: bytes,
         endpoint_for: Callable[[Account], object],
         keepalive: Optional[Keepalive] = None,
-        resume_window: float = DEFAULT_RESUME_WINDOW,
+        resume_window: float = defaults.RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
         backoff: Optional[Callable[[int], float]] = None,
     ) -> None:
-        self.reactor = reactor
-        self.clock = reactor
+        self.clock = clock
         self.tap = tap
+        self.cable = Cable(tap)
         self.mac = mac
         self.endpoint_for = endpoint_for
         self.keepalive = keepalive or Keepalive()
         self.resume_window = resume_window
         self.buffer_limit = buffer_limit
         self.backoff = backoff or Backoff()
-        self.state = IDLE
         self.account: Optional[Account] = None
         self.session: Optional[CardSession] = None
-        self.service: Optional[ClientService] = None
         self.last_error: Optional[str] = None
         self.connected_since: Optional[float] = None
         self.reconnects = 0
         self.attempts = 0
         self.failures = 0
-        self.unplugged_drops = 0
-        self._window = None
+        #: The current connection attempt; events of older ones are stale.
+        self._attempt: Optional[object] = None
+        self._dialing: Optional[Deferred] = None
+        self._retry_call = None
+        self._window_call = None
+        self._link: Optional[Link] = None
+        #: The link of the current attempt while it waits for the hub's answer.
+        self._handshaking: Optional[Link] = None
+        self._waiters = []
 
     @property
     def offload(self) -> bool:
         """Whether the TAP hands over offload super-frames."""
-        return bool(getattr(self.tap, "offload", False))
+        return bool(self.tap.mac_offset)
 
-    # the TAP side ----------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """The machine's state, as its name."""
+        return self._state_name()
 
-    def tap_frames(self, frames) -> None:
-        session = self.session
-        if session is None:
-            self.unplugged_drops += len(frames)
-            return
-        session.send_frames(frames)
+    @_machine.serializer()
+    def _state_name(self, state):
+        return state
 
     # the user's side -------------------------------------------------------
 
     def connect(self, account: Account) -> None:
-        """Dial C{account} and keep it connected (seed facts 4, 5)."""
-        endpoint = self.endpoint_for(account)  # raises with a sentence if unusable
-        self._stop_service()
-        self._end_session(None)
+        """Dial C{account} and keep it connected (raises if it is unusable)."""
+        self._endpoint = self.endpoint_for(account)  # a sentence if unusable
+        self._connect(account)
+
+    def disconnect(self, reason: str = "disconnected by the user") -> Deferred:
+        """Unplug the cable: goodbye to the hub, no retrying, no resume."""
+        link = self._link
+        self._disconnect(reason)
+        return link.when_closed() if link is not None else succeed(None)
+
+    def when_settled(self) -> Deferred:
+        """Fires with the state once the card is connected, refused or disconnected."""
+        if self.state in (CONNECTED, REFUSED, DISCONNECTED):
+            return succeed(self.state)
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+    # the link's side ---------------------------------------------------------
+
+    def hello(self) -> wire.Hello:
+        account = self.account
+        return wire.Hello(
+            hub=account.hub_name,
+            user=account.user,
+            password=account.password,
+            mac=format_mac(self.mac),
+            features=frozenset([wire.FEATURE_OFFLOAD]) if self.offload else frozenset(),
+            resume=self.session.resume_request() if self.session is not None else None,
+        )
+
+    def is_current(self, attempt: object) -> bool:
+        return attempt is self._attempt
+
+    def hub_answered(self, link: Link, attempt: object, answer) -> None:
+        """The hub's WELCOME or REFUSED reached C{link}."""
+        if attempt is not self._attempt:
+            link.say_goodbye("superseded by a newer connection")
+            return
+        self._handshaking = None
+        if isinstance(answer, wire.Refused):
+            if answer.retry_later:
+                link.reason = answer.message  # an outage: this attempt failed
+                return
+            self._refused(answer)
+            return
+        session = self.session
+        if answer.resumed and session is not None and answer.session == session.id:
+            if not session.can_resume_from(answer.received):
+                link.fail("the hub's welcome says it received frames this card never sent")
+                return
+            self._resumed(link, answer)
+        else:
+            self._welcomed(link, answer)
+
+    def link_connected(self, link: Link, attempt: object) -> None:
+        """C{link} of C{attempt} is connected and says hello."""
+        if attempt is self._attempt:
+            self._handshaking = link
+
+    def attempt_ended(self, attempt: object, reason: str) -> None:
+        """A connection attempt ended before the hub's welcome."""
+        if attempt is not self._attempt:
+            return
+        self._dialing = None
+        self._handshaking = None
+        self.failures += 1
+        if self.account is not None and not self.account.auto_reconnect:
+            self._give_up(reason)
+        else:
+            self._attempt_failed(reason)
+
+    def link_lost(self, link: Link, clean: bool, reason: str) -> None:
+        """The session's link is gone; C{clean} if a goodbye was said."""
+        if link is not self._link:
+            return
+        self._link = None
+        self.reconnects += 1
+        if self.account is not None and not self.account.auto_reconnect:
+            self._give_up(reason)
+        elif clean or self.resume_window <= 0:
+            self._session_closed(reason)
+        else:
+            self._link_broke(reason)
+
+    # the machine -------------------------------------------------------------
+
+    @_machine.state(initial=True, serialized=DISCONNECTED)
+    def disconnected(self):
+        """Cable unplugged; nothing is dialled."""
+
+    @_machine.state(serialized=CONNECTING)
+    def connecting(self):
+        """Dialling the hub (and redialling after failures); no carrier."""
+
+    @_machine.state(serialized=CONNECTED)
+    def connected(self):
+        """Welcomed: carrier up, frames flow."""
+
+    @_machine.state(serialized=RESUMING)
+    def resuming(self):
+        """The link broke: carrier up, frames held, redialling to resume."""
+
+    @_machine.state(serialized=REFUSED)
+    def refused(self):
+        """The hub said no: waiting for the user."""
+
+    @_machine.input()
+    def _connect(self, account: Account):
+        "The user connects with C{account}."
+
+    @_machine.input()
+    def _disconnect(self, reason: str):
+        "The user (or shutdown) unplugs the cable."
+
+    @_machine.input()
+    def _welcomed(self, link: Link, welcome: wire.Welcome):
+        "The hub welcomed the card into a fresh session."
+
+    @_machine.input()
+    def _resumed(self, link: Link, welcome: wire.Welcome):
+        "The hub gave the card its held session back."
+
+    @_machine.input()
+    def _refused(self, refused: wire.Refused):
+        "The hub refused the card for good."
+
+    @_machine.input()
+    def _attempt_failed(self, reason: str):
+        "A connection attempt ended before a welcome."
+
+    @_machine.input()
+    def _give_up(self, reason: str):
+        "A failure, and the account says not to reconnect."
+
+    @_machine.input()
+    def _link_broke(self, reason: str):
+        "The link went without a goodbye: the session may resume."
+
+    @_machine.input()
+    def _session_closed(self, reason: str):
+        "The hub ended the session with a goodbye."
+
+    @_machine.input()
+    def _window_passed(self):
+        "The resume window passed without a resume."
+
+    # outputs
+
+    @_machine.output()
+    def _goodbye_to_switch(self, account: Account) -> None:
+        self._goodbye(f"the card switches to account {account.name}")
+
+    @_machine.output()
+    def _goodbye_to_leave(self, reason: str) -> None:
+        self._goodbye(reason)
+
+    def _goodbye(self, reason: str) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.say_goodbye(reason)
+
+    @_machine.output()
+    def _start(self, account: Account) -> None:
         self.account = account
-        self.state = CONNECTING
         self.last_error = None
         self.attempts = 0
         self.failures = 0
@@ -154,181 +300,190 @@ class Card:
             "connecting to hub {hub} at {addr} as user {user}",
             hub=account.hub_name, addr=account.hub, user=account.user,
         )
-        from sevpn.cardlink import CardLinkFactory
+        self._dial()
 
-        self.service = _ReconnectingService(
-            _ReportFailures(endpoint, self),
-            CardLinkFactory(self),
-            retryPolicy=self._retry_delay,
-            clock=self.clock,
+    @_machine.output()
+    def _stop_dialing(self) -> None:
+        self._attempt = None
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.cancel()
+        link, self._handshaking = self._handshaking, None
+        if link is not None:
+            link.say_goodbye("the card stopped this attempt")
+
+    @_machine.output()
+    def _end_session(self) -> None:
+        self._unplug()
+
+    def _unplug(self) -> None:
+        self._cancel_window()
+        self.session = None
+        self.cable.unplug()
+        self.connected_since = None
+        if self.tap.carrier:
+            self.tap.set_carrier(False)
+
+    @_machine.output()
+    def _log_unplugged(self, reason: str) -> None:
+        self.log.info("{reason}: cable unplugged", reason=reason)
+
+    @_machine.output()
+    def _log_gave_up(self, reason: str) -> None:
+        self.last_error = reason
+        self.log.warn(
+            "{reason}; automatic reconnection is off for this account: cable unplugged", reason=reason
         )
-        self.service.startService()
-        self.tap.start_reading()
 
-    def disconnect(self, reason: str = "disconnected by the user") -> Deferred:
-        """Unplug the cable: goodbye to the hub, no retrying, no resume."""
-        was = self.state
-        self.state = IDLE
-        if self.session is not None and self.session.link is not None:
-            self.session.link.say_goodbye(reason)
-        self._end_session(None)
-        done = self._stop_service()
-        if was != IDLE:
-            self.log.info("{reason}: cable unplugged", reason=reason)
-        return done
+    @_machine.output()
+    def _new_session(self, link: Link, welcome: wire.Welcome) -> None:
+        session = self.session = CardSession(self, welcome)
+        self.cable.plug(session.port)
+        self._attach(link, 0)
+        self.tap.set_carrier(True)
+        self.connected_since = self.clock.seconds()
+        self.log.info(
+            "connected to hub {hub} at {addr} as {user}: cable plugged in",
+            hub=self.account.hub_name, addr=self.account.hub, user=self.account.user,
+        )
 
-    def _stop_service(self) -> Deferred:
-        service, self.service = self.service, None
-        if service is None:
-            return succeed(None)
-        return service.stopService()
+    @_machine.output()
+    def _log_lost_session(self, link: Link, welcome: wire.Welcome) -> None:
+        self.log.info("the hub no longer had our session (it restarted or the window passed); starting a fresh one")
 
-    def _retry_delay(self, attempt: int) -> float:
-        """
-        The retry policy.  A TCP connection that dies before the hub's
-        welcome counts as a failure too, so the card counts failures
-        itself rather than trusting ClientService's attempt number.
-        """
-        self.attempts += 1
-        if self.account is not None and not self.account.auto_reconnect:
-            self.clock.callLater(0, self._give_up)
-        return self.backoff(self.failures + 1)
+    @_machine.output()
+    def _end_old_session(self, link: Link, welcome: wire.Welcome) -> None:
+        self._unplug()
 
-    def _give_up(self) -> None:
-        if self.state in (CONNECTING, RESUMING):
-            self.disconnect("automatic reconnection is off for this account; gave up")
-
-    # the link's side -------------------------------------------------------
-
-    def hello(self) -> dict:
-        account = self.account
-        hello = {
-            "hub": account.hub_name,
-            "user": account.user,
-            "password": account.password,
-            "mac": format_mac(self.mac),
-            "features": [wire.FEATURE_OFFLOAD] if self.offload else [],
-        }
-        if self.session is not None:
-            hello["resume"] = {
-                "session": self.session.id,
-                "token": self.session.token,
-                "received": self.session.received.received,
-            }
-        return hello
-
-    def welcomed(self, link: Link, welcome: dict) -> None:
+    @_machine.output()
+    def _take_back(self, link: Link, welcome: wire.Welcome) -> None:
+        self._cancel_window()
         session = self.session
-        if welcome.get("resumed") is True and session is not None and welcome.get("session") == session.id:
-            self._cancel_window()
-            received = welcome.get("received")
-            if not isinstance(received, int) or received < 0:
-                link.fail("the hub's welcome has no valid 'received' count")
-                return
-            session.link = link
-            link.session = session
-            link.ready = True
-            session.resumes += 1
-            session.resend(received)
-            self.log.info(
-                "resumed session with hub {hub} at {addr}: {n} frames resent, nothing lost",
-                hub=self.account.hub_name, addr=self.account.hub, n=session.sent.retransmitted,
-            )
-        else:
-            session_id, token = welcome.get("session"), welcome.get("token")
-            if not isinstance(session_id, str) or not isinstance(token, str):
-                link.fail("the hub's welcome has no session id or token")
-                return
-            if session is not None:
-                self.log.info(
-                    "the hub no longer had our session (it restarted or the window passed); starting a fresh one"
-                )
-                self._end_session(None)
-            self._cancel_window()
-            wire_offload = wire.offers(welcome, wire.FEATURE_OFFLOAD)
-            session = self.session = CardSession(self, session_id, token, wire_offload)
-            session.link = link
-            link.session = session
-            link.ready = True
-            self.tap.set_carrier(True)
-            self.connected_since = self.clock.seconds()
-            self.log.info(
-                "connected to hub {hub} at {addr} as {user}: cable plugged in",
-                hub=self.account.hub_name, addr=self.account.hub, user=self.account.user,
-            )
-        self.state = CONNECTED
+        resent_before = session.sent.retransmitted
+        session.resumes += 1
+        self._attach(link, welcome.received)
+        self.log.info(
+            "resumed session with hub {hub} at {addr}: {n} frames resent, nothing lost",
+            hub=self.account.hub_name, addr=self.account.hub, n=session.sent.retransmitted - resent_before,
+        )
+
+    def _attach(self, link: Link, peer_received: int) -> None:
+        self._link = link
+        self._dialing = None
         self.last_error = None
         self.failures = 0
+        link.established(self.session, peer_received)
 
-    def refused(self, code: str, message: str) -> None:
-        if code == "throttled":
-            # Not a verdict on this account (the address may be shared):
-            # the link's end counts as a failed attempt, retried as usual.
-            return
-        self.state = REFUSED
-        self.last_error = f"the hub refused the connection: {message}"
-        self._end_session(None)
+    @_machine.output()
+    def _log_refused(self, refused: wire.Refused) -> None:
+        self.last_error = f"the hub refused the connection: {refused.message}"
         self.log.error(
             "hub {hub} at {addr} refused user {user}: {message}; not retrying until you connect again",
-            hub=self.account.hub_name, addr=self.account.hub, user=self.account.user, message=message,
+            hub=self.account.hub_name, addr=self.account.hub, user=self.account.user,
+            message=refused.message,
         )
-        self.clock.callLater(0, self._stop_service)
 
-    def attempt_failed(self, reason: str) -> None:
-        """A connection attempt ended before a welcome."""
-        self.failures += 1
-        if self.state == REFUSED or reason == self.last_error:
-            return
-        self.last_error = reason
-        if self.account is not None:
-            self.log.warn(
-                "cannot connect to hub {addr}: {reason}; retrying", addr=self.account.hub, reason=reason
-            )
+    @_machine.output()
+    def _note_failure(self, reason: str) -> None:
+        if reason != self.last_error:
+            self.last_error = reason
+            self.log.warn("cannot connect to hub {addr}: {reason}; retrying", addr=self.account.hub, reason=reason)
 
-    def link_lost(self, link: Link, clean: bool, reason: str) -> None:
-        if self.state in (IDLE, REFUSED):
-            return
-        self.reconnects += 1
-        if clean or self.resume_window <= 0:
-            self.log.info("hub {addr} closed the session ({reason}); reconnecting", addr=self.account.hub, reason=reason)
-            self._end_session(None)
-            self.state = CONNECTING
-            return
-        self.state = RESUMING
+    @_machine.output()
+    def _retry_later(self, reason: str) -> None:
+        self._retry_call = self.clock.callLater(self.backoff(self.failures + 1), self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry_call = None
+        self._dial()
+
+    @_machine.output()
+    def _log_broke(self, reason: str) -> None:
         self.last_error = reason
         self.log.warn(
             "lost the link to hub {addr} ({reason}); holding frames and resuming within {w:g} s",
             addr=self.account.hub, reason=reason, w=self.resume_window,
         )
-        self._cancel_window()
-        self._window = self.clock.callLater(self.resume_window, self._window_passed)
 
-    def _window_passed(self) -> None:
-        self._window = None
-        if self.state != RESUMING:
-            return
+    @_machine.output()
+    def _open_window(self, reason: str) -> None:
+        self._cancel_window()
+        self._window_call = self.clock.callLater(self.resume_window, self._window_due)
+
+    def _window_due(self) -> None:
+        self._window_call = None
+        self._window_passed()
+
+    def _cancel_window(self) -> None:
+        if self._window_call is not None and self._window_call.active():
+            self._window_call.cancel()
+        self._window_call = None
+
+    @_machine.output()
+    def _redial(self) -> None:
+        self.failures = 0
+        self._dial()
+
+    @_machine.output()
+    def _log_closed(self, reason: str) -> None:
+        self.log.info("hub {addr} closed the session ({reason}); reconnecting", addr=self.account.hub, reason=reason)
+
+    @_machine.output()
+    def _log_window_passed(self) -> None:
         self.log.warn(
             "could not resume within {w:g} s: cable unplugged; still trying to reach hub {addr}",
             w=self.resume_window, addr=self.account.hub,
         )
-        self._end_session(None)
-        self.state = CONNECTING
 
-    def _cancel_window(self) -> None:
-        if self._window is not None and self._window.active():
-            self._window.cancel()
-        self._window = None
+    @_machine.output()
+    def _settle(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(self.state)
 
-    def _end_session(self, _why) -> None:
-        self._cancel_window()
-        session, self.session = self.session, None
-        if session is not None and session.link is not None:
-            session.link.session = None
-            session.link.ready = False
-            session.link = None
-        self.connected_since = None
-        if self.tap.carrier:
-            self.tap.set_carrier(False)
+    def _dial(self) -> None:
+        from sevpn.cardlink import CardLinkFactory
+
+        self.attempts += 1
+        attempt = self._attempt = object()
+        d = self._dialing = self._endpoint.connect(CardLinkFactory(self, attempt))
+
+        def failed(failure):
+            if not failure.check(CancelledError):
+                self.attempt_ended(attempt, describe_failure(failure))
+
+        d.addErrback(failed)
+
+    disconnected.upon(_connect, enter=connecting, outputs=[_start])
+    disconnected.upon(_disconnect, enter=disconnected, outputs=[])
+
+    connecting.upon(_connect, enter=connecting, outputs=[_stop_dialing, _start])
+    connecting.upon(_disconnect, enter=disconnected, outputs=[_stop_dialing, _log_unplugged, _settle])
+    connecting.upon(_welcomed, enter=connected, outputs=[_new_session, _settle])
+    connecting.upon(_refused, enter=refused, outputs=[_stop_dialing, _log_refused, _settle])
+    connecting.upon(_attempt_failed, enter=connecting, outputs=[_note_failure, _retry_later])
+    connecting.upon(_give_up, enter=disconnected, outputs=[_stop_dialing, _log_gave_up, _settle])
+
+    connected.upon(_connect, enter=connecting, outputs=[_goodbye_to_switch, _end_session, _start])
+    connected.upon(_disconnect, enter=disconnected, outputs=[_goodbye_to_leave, _end_session, _log_unplugged, _settle])
+    connected.upon(_link_broke, enter=resuming, outputs=[_log_broke, _open_window, _redial])
+    connected.upon(_session_closed, enter=connecting, outputs=[_log_closed, _end_session, _redial])
+    connected.upon(_give_up, enter=disconnected, outputs=[_end_session, _log_gave_up, _settle])
+
+    resuming.upon(_connect, enter=connecting, outputs=[_stop_dialing, _end_session, _start])
+    resuming.upon(_disconnect, enter=disconnected, outputs=[_stop_dialing, _end_session, _log_unplugged, _settle])
+    resuming.upon(_resumed, enter=connected, outputs=[_take_back, _settle])
+    resuming.upon(_welcomed, enter=connected, outputs=[_log_lost_session, _end_old_session, _new_session, _settle])
+    resuming.upon(_refused, enter=refused, outputs=[_stop_dialing, _end_session, _log_refused, _settle])
+    resuming.upon(_attempt_failed, enter=resuming, outputs=[_note_failure, _retry_later])
+    resuming.upon(_give_up, enter=disconnected, outputs=[_stop_dialing, _end_session, _log_gave_up, _settle])
+    resuming.upon(_window_passed, enter=connecting, outputs=[_log_window_passed, _end_session])
+
+    refused.upon(_connect, enter=connecting, outputs=[_start])
+    refused.upon(_disconnect, enter=disconnected, outputs=[])
 
     # status ----------------------------------------------------------------
 
@@ -350,32 +505,11 @@ class Card:
             "reconnects": self.reconnects,
             "last_error": self.last_error,
             "resume_window": self.resume_window,
-            "unplugged_drops": self.unplugged_drops,
-            "tap_write_drops": getattr(self.tap, "write_drops", 0),
+            "unplugged_drops": self.cable.unplugged_drops,
             "offload": self.offload,
-            "bad_frames": getattr(self.tap, "bad_frames", 0) + (session.bad_frames if session else 0),
         }
+        info.update(self.tap.counters())
         if session is not None:
-            info.update(session.counters())
+            for key, value in session.port.counters().items():
+                info[key] = info.get(key, 0) + value if key in ("bad_frames", "congestion_drops") else value
         return info
-
-
-
-@implementer(IStreamClientEndpoint)
-class _ReportFailures:
-    """An endpoint that tells the card why a connection attempt failed."""
-
-    def __init__(self, endpoint, card: Card) -> None:
-        self.endpoint = endpoint
-        self.card = card
-
-    def __repr__(self) -> str:
-        return f"hub {self.card.account.hub}" if self.card.account else "hub"
-
-    def connect(self, factory):
-        def failed(failure):
-            if not failure.check(CancelledError):
-                self.card.attempt_failed(describe_failure(failure))
-            return failure
-
-        return self.endpoint.connect(factory).addErrback(failed)

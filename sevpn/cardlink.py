@@ -1,69 +1,75 @@
 """
 The card's end of a link: say hello, wait for a welcome or a refusal.
 
-A thin adapter over L{sevpn.card.Card}, which counts a connection that
-ends before the welcome as a failed attempt (for the backoff).
+A thin adapter: what the answer means is L{sevpn.card.Card}'s business.
+Each link belongs to one connection attempt of the card; the card ignores
+what an older attempt's link reports.
 """
 
 from __future__ import annotations
 
 from twisted.internet.protocol import Factory
 
-from sevpn import wire
+from sevpn import defaults, wire
 from sevpn.link import Link
-
-HANDSHAKE_TIMEOUT = 15.0
 
 
 class CardLink(Link):
-    def __init__(self, card) -> None:
+    """The card's connection to a hub, for one connection attempt."""
+
+    def __init__(self, card, attempt: object) -> None:
         super().__init__(card.clock, card.keepalive)
         self.card = card
-        #: The connection attempt this link belongs to.
-        self.service = card.service
-        self.welcomed = False
+        self.attempt = attempt
         self._handshake_call = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._handshake_call = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_overdue)
-        self.send_json(wire.HELLO, self.card.hello())
+        if not self.card.is_current(self.attempt):
+            self.say_goodbye("superseded by a newer connection")
+            return
+        self._handshake_call = self.clock.callLater(defaults.HANDSHAKE_TIMEOUT, self._handshake_overdue)
+        self.card.link_connected(self, self.attempt)
+        self.send_message(self.card.hello())
 
     def _handshake_overdue(self) -> None:
         self._handshake_call = None
-        if not self.ready:
-            self.fail(f"the hub did not answer the hello within {HANDSHAKE_TIMEOUT:g} seconds")
+        self.fail(f"the hub did not answer the hello within {defaults.HANDSHAKE_TIMEOUT:g} seconds")
+
+    def _handshake_over(self) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
-        if self.ready or kind not in (wire.WELCOME, wire.REFUSED):
+        if self.session is not None or kind not in (wire.WELCOME, wire.REFUSED) or self._handshake_call is None:
             raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message from the hub")
-        info = wire.decode_json(kind, body)
-        if self._handshake_call is not None and self._handshake_call.active():
-            self._handshake_call.cancel()
-        self._handshake_call = None
-        if kind == wire.REFUSED:
-            self.failure = str(info.get("message") or info.get("code") or "refused")
-            self.card.refused(str(info.get("code", "")), self.failure)
-            self.close()
-            return
-        self.welcomed = True
-        self.card.welcomed(self, info)
+        self._handshake_over()
+        answer = wire.Welcome.decode(body) if kind == wire.WELCOME else wire.Refused.decode(body)
+        self.card.hub_answered(self, self.attempt, answer)
 
-    def lost(self, reason: str) -> None:
-        if self._handshake_call is not None and self._handshake_call.active():
-            self._handshake_call.cancel()
-        self._handshake_call = None
-        if not self.welcomed and self.card.service is self.service:
-            self.card.attempt_failed(reason)
+    def detached(self, session, clean: bool, reason: str) -> None:
+        self.card.link_lost(self, clean, reason)
+
+    def ended_in_handshake(self, reason: str) -> None:
+        self._handshake_over()
+        self.card.attempt_ended(self.attempt, reason)
+
+    def connectionLost(self, reason) -> None:
+        self._handshake_over()
+        super().connectionLost(reason)
 
 
 class CardLinkFactory(Factory):
+    """Builds the link of one connection attempt."""
+
     noisy = False
 
-    def __init__(self, card) -> None:
+    def __init__(self, card, attempt: object) -> None:
         self.card = card
+        self.attempt = attempt
 
     def buildProtocol(self, addr) -> CardLink:
-        link = CardLink(self.card)
+        link = CardLink(self.card, self.attempt)
         link.factory = self
         return link

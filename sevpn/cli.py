@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from sevpn import control
 from sevpn.accounts import Account, AccountStore
-from sevpn.services import DEFAULT_CARD_STATE, DEFAULT_HUB_STATE
+from sevpn.defaults import CARD_STATE_DIR as DEFAULT_CARD_STATE, HUB_STATE_DIR as DEFAULT_HUB_STATE
 from sevpn.users import DEFAULT_HUB, HubState, StateError, read_password_file
 
 

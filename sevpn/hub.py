@@ -1,11 +1,12 @@
 """
 The virtual HUB's policy: who may join which virtual hub, the sessions and
-their resume window, and switching frames between them.
+their resume window, and the switches they are ports of.
 
-No sockets here: links (L{sevpn.hublink.HubLink}) call L{Hub.authenticate}
-and then L{Hub.join} when a card says hello, and a session's frames go
-through its virtual hub's switch (L{sevpn.switch.VirtualHub}).  Time comes
-from the injected clock.
+No sockets and no protocols here: a hub link (L{sevpn.hublink.HubLink})
+asks L{Hub.authenticate} and L{Hub.join} when a card says hello, and tells
+L{Hub.link_lost} when a session's link goes.  Each session is a port
+(L{sevpn.port.SessionPort}) of its virtual hub's switch
+(L{sevpn.switch.VirtualHub}).  Time comes from the injected clock.
 """
 
 from __future__ import annotations
@@ -19,108 +20,57 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from sevpn import offload as vnet
-from sevpn import wire
-from sevpn.link import Link, Session
-from sevpn.mac import format_mac, parse_mac
+from sevpn import defaults, wire
+from sevpn.mac import InvalidMAC, format_mac, parse_mac
+from sevpn.port import SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT
-from sevpn.switch import DEFAULT_MAX_AGE, VirtualHub
+from sevpn.session import ILink, Session
+from sevpn.switch import DEFAULT_MAX_AGE, Conflict, VirtualHub
 from sevpn.timing import LoginThrottle
 from sevpn.users import HubState
+from sevpn.wire import Refusal
 
-#: How long a session whose link broke without a goodbye is kept (seed 6).
-DEFAULT_RESUME_WINDOW = 60.0
-#: At most this many sessions per hub process.
-DEFAULT_MAX_SESSIONS = 4096
+#: How often the MAC tables are swept for aged entries.
+SWEEP_INTERVAL = 30.0
 
 
 class Refused(Exception):
-    """A card may not join; C{code} for programs, the message for people."""
+    """A card may not join: the L{wire.Refused} message to answer with."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-REFUSALS = {
-    "auth-failed": "the user name or password is wrong",
-    "unknown-hub": "there is no virtual hub of that name on this server",
-    "user-disabled": "this user is disabled on the virtual hub",
-    "hub-full": "the hub has reached its session limit",
-    "bad-hello": "the hello message is incomplete",
-    "throttled": "too many failed logins from this address; try again later",
-}
+    def __init__(self, code: str) -> None:
+        super().__init__(Refusal.MESSAGES[code])
+        self.message = wire.Refused.of(code)
 
 
 class HubSession(Session):
-    """A card's session on one virtual hub: a port of its switch."""
+    """A card's session on one virtual hub, and the switch port it is."""
 
     def __init__(
-        self, hub: "Hub", vhub: VirtualHub, user: str, session_id: str, token: bytes, card_mac: Optional[bytes],
-        offload: bool = False,
+        self, hub: "Hub", vhub: VirtualHub, user: str, session_id: str, token: bytes,
+        card_mac: Optional[bytes], offload: bool = False,
     ) -> None:
         super().__init__(hub.buffer_limit)
-        #: Frames to and from this card carry a virtio_net_hdr (kernel offload).
-        self.offload = offload
-        self.mac_offset = vnet.HEADER_SIZE if offload else 0
-        self.bad_frames = 0
         self.hub = hub
         self.vhub = vhub
         self.user = user
         self.id = session_id
         self.token = token
         self.card_mac = card_mac
+        #: Frames to and from this card carry a virtio_net_hdr (kernel offload).
+        self.offload = offload
+        self.port = SessionPort(session_id, self, hub.clock, mac_offset=10 if offload else 0)
         self.started = hub.clock.seconds()
         self.peer = ""
-        self.pending: List = []
         self.expiry = None
         self.ended = False
 
     def __repr__(self) -> str:
         return f"<HubSession {self.id} {self.user}@{self.vhub.name}>"
 
-    # as a port of the switch -----------------------------------------------
-
-    def enqueue(self, frame, offset: int) -> None:
-        if not self.pending:
-            self.hub.dirty.append(self)
-        if offset == self.mac_offset:
-            self.pending.append(frame)
-        elif self.offload:
-            self.pending.append(vnet.from_plain(frame))
-        else:
-            # A super-frame for a card without offload: segment it here.
-            try:
-                self.pending.extend(vnet.to_plain(frame))
-            except vnet.BadFrame:
-                self.bad_frames += 1
-
-    def flush(self, source: Optional[Link] = None) -> None:
-        """
-        Send what was switched to this card.  If its link is paused, the
-        link that brought the frames stops being read until it resumes
-        (TCP flow control carries that back to the sending card, which drops
-        at its edge if the pause lasts); a queue that still overflows (floods
-        from many cards) or a card that stalled has its frames dropped, as a
-        congested switch port does.
-        """
-        frames, self.pending = self.pending, []
-        link = self.link
-        if link is not None and link.full:
-            self.congestion_drops += len(frames)
-            return
-        self.send_frames(frames)
-        if link is not None and link.paused and source is not None:
-            link.hold_back(source)
-
-    # as a session ----------------------------------------------------------
-
-    def deliver(self, frames) -> None:
-        self.vhub.forward(self, frames, self.hub.clock.seconds())
-
-    def link_lost(self, link: Link, clean: bool, reason: str) -> None:
-        self.hub.link_lost(self, clean, reason)
+    @property
+    def held(self) -> bool:
+        """No link carries the session: it waits for its card to resume."""
+        return self.link is None
 
     def describe(self, now: float) -> dict:
         info = {
@@ -129,12 +79,12 @@ class HubSession(Session):
             "user": self.user,
             "card_mac": format_mac(self.card_mac) if self.card_mac else None,
             "peer": self.peer,
-            "state": "connected" if self.link is not None else "held",
+            "state": "held" if self.held else "connected",
             "offload": self.offload,
-            "bad_frames": self.bad_frames,
             "uptime": round(now - self.started, 1),
+            "macs": len(self.port.macs),
         }
-        info.update(self.counters())
+        info.update(self.port.counters())
         return info
 
 
@@ -147,10 +97,10 @@ class Hub:
         self,
         state: HubState,
         clock: IReactorTime,
-        resume_window: float = DEFAULT_RESUME_WINDOW,
+        resume_window: float = defaults.RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
         max_age: float = DEFAULT_MAX_AGE,
-        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_sessions: int = defaults.MAX_SESSIONS,
         verify=maybeDeferred,
         throttle: Optional[LoginThrottle] = None,
     ) -> None:
@@ -164,103 +114,122 @@ class Hub:
         self.max_sessions = max_sessions
         self.vhubs: Dict[str, VirtualHub] = {}
         self.sessions: Dict[str, HubSession] = {}
-        self.dirty: List[HubSession] = []
         self.refusals = 0
+        self._sweep_call = None
 
     def vhub(self, name: str) -> VirtualHub:
         vhub = self.vhubs.get(name)
         if vhub is None:
-            vhub = self.vhubs[name] = VirtualHub(name, max_age=self.max_age, on_duplicate=self._duplicate)
+            vhub = self.vhubs[name] = VirtualHub(
+                name, self.clock.seconds, max_age=self.max_age, on_conflict=self._conflict
+            )
         return vhub
+
+    def start(self) -> None:
+        """Start the periodic sweep of aged MAC entries."""
+        if self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_call = self.clock.callLater(SWEEP_INTERVAL, self._sweep)
+        for vhub in self.vhubs.values():
+            vhub.expire()
 
     # joining ---------------------------------------------------------------
 
-    def authenticate(self, link: Link, hello: dict) -> Deferred:
+    def authenticate(self, peer: str, address: str, hello: wire.Hello) -> Deferred:
         """
         Check a hello's credentials: a Deferred that fails with L{Refused}.
         The slow hash runs where C{self.verify} puts it (a thread, in the
         hub service), so logins never stall the frames of other sessions.
         """
-        hub_name, user, password = hello.get("hub"), hello.get("user"), hello.get("password")
-        if not all(isinstance(x, str) for x in (hub_name, user, password)):
-            return fail(Refused("bad-hello", REFUSALS["bad-hello"]))
-        peer = link.peer_name()
-        address = peer.rsplit(":", 1)[0]
+        if hello.password is None:
+            return fail(Refused(Refusal.BAD_HELLO))
         now = self.clock.seconds()
         wait = self.throttle.blocked_for(address, now)
         if wait:
             self.refusals += 1
             self.log.warn(
                 "refused {user} from {peer}: too many failed logins from this address ({wait:.0f} s to go)",
-                user=user, peer=peer, wait=wait,
+                user=wire.quote(hello.user), peer=peer, wait=wait,
             )
-            return fail(Refused("throttled", REFUSALS["throttled"]))
+            return fail(Refused(Refusal.THROTTLED))
 
         def checked(code):
             if code is None:
                 self.throttle.succeeded(address)
-            else:
-                self.throttle.failed(address, self.clock.seconds())
-                self.refusals += 1
-                self.log.warn(
-                    "refused {user} from {peer} on virtual hub {hub}: {why}",
-                    user=user, peer=peer, hub=hub_name, why=REFUSALS[code],
-                )
-                raise Refused(code, REFUSALS[code])
+                return
+            self.throttle.failed(address, self.clock.seconds())
+            self.refusals += 1
+            self.log.warn(
+                "refused {user} from {peer} on virtual hub {hub}: {why}",
+                user=wire.quote(hello.user), peer=peer, hub=wire.quote(hello.hub), why=Refusal.MESSAGES[code],
+            )
+            raise Refused(code)
 
-        return self.verify(self.state.authenticate, hub_name, user, password.encode("utf-8")).addCallback(checked)
+        d = self.verify(self.state.authenticate, hello.hub, hello.user, hello.password.encode("utf-8"))
+        return d.addCallback(checked)
 
-    def join(self, link: Link, hello: dict) -> Tuple[HubSession, bool, int]:
+    def join(self, peer: str, hello: wire.Hello) -> Tuple[HubSession, bool, int]:
         """
         After L{authenticate}: the session (resumed or fresh), whether it
-        was resumed, and the last frame the card says it received.
+        was resumed, and the last frame the card says it received.  Raises
+        L{Refused}.
         """
-        hub_name, user = hello["hub"], hello["user"]
-        peer = link.peer_name()
-        resume = hello.get("resume")
-        if isinstance(resume, dict):
-            session = self._resumable(resume, user, hub_name)
+        if hello.resume is not None:
+            session = self._resumable(hello.resume, hello.user, hello.hub)
             if session is not None:
-                received = resume.get("received")
-                if not isinstance(received, int) or received < 0:
-                    raise Refused("bad-hello", REFUSALS["bad-hello"])
-                self._take_over(session, link)
+                if not session.can_resume_from(hello.resume.received):
+                    raise Refused(Refusal.BAD_HELLO)
+                self._take_over(session, peer)
                 session.resumes += 1
                 self.log.info(
                     "session {id} of {user} on {hub} resumed from {peer} (resume #{n})",
-                    id=session.id, user=user, hub=hub_name, peer=peer, n=session.resumes,
+                    id=session.id, user=hello.user, hub=hello.hub, peer=peer, n=session.resumes,
                 )
-                return session, True, received
+                return session, True, hello.resume.received
             self.log.info(
                 "{user} from {peer} asked to resume a session this hub does not hold; starting a fresh one",
-                user=user, peer=peer,
+                user=hello.user, peer=peer,
             )
+        try:
+            card_mac = parse_mac(hello.mac) if hello.mac else None
+        except InvalidMAC:
+            card_mac = None
+        if card_mac is not None:
+            self._end_replaced(hello.user, hello.hub, card_mac)
         if len(self.sessions) >= self.max_sessions:
-            raise Refused("hub-full", REFUSALS["hub-full"])
-        card_mac = None
-        if isinstance(hello.get("mac"), str):
-            try:
-                card_mac = parse_mac(hello["mac"])
-            except ValueError:
-                card_mac = None
-        offload = wire.offers(hello, wire.FEATURE_OFFLOAD)
+            raise Refused(Refusal.HUB_FULL)
+        vhub = self.vhub(hello.hub)
         session = HubSession(
-            self, self.vhub(hub_name), user, os.urandom(8).hex(), os.urandom(32), card_mac, offload
+            self, vhub, hello.user, os.urandom(8).hex(), os.urandom(32), card_mac,
+            wire.FEATURE_OFFLOAD in hello.features,
         )
         session.peer = peer
         self.sessions[session.id] = session
-        session.link = link
-        session.vhub.add_port(session)
+        vhub.add_port(session.port)
         self.log.info(
             "{user} joined virtual hub {hub} from {peer}: session {id}",
-            user=user, hub=hub_name, peer=peer, id=session.id,
+            user=hello.user, hub=hello.hub, peer=peer, id=session.id,
         )
         return session, False, 0
 
-    def _resumable(self, resume: dict, user: str, hub_name: str) -> Optional[HubSession]:
-        session = self.sessions.get(resume.get("session")) if isinstance(resume.get("session"), str) else None
+    def welcome(self, session: HubSession, resumed: bool) -> wire.Welcome:
+        """The WELCOME for C{session}."""
+        return wire.Welcome(
+            session=session.id,
+            token=base64.b64encode(session.token).decode("ascii"),
+            resumed=resumed,
+            received=session.delivered,
+            hub=session.vhub.name,
+            resume_window=self.resume_window,
+            features=frozenset([wire.FEATURE_OFFLOAD]) if session.offload else frozenset(),
+        )
+
+    def _resumable(self, resume: wire.Resume, user: str, hub_name: str) -> Optional[HubSession]:
+        session = self.sessions.get(resume.session)
         try:
-            token = base64.b64decode(resume.get("token", ""), validate=True)
+            token = base64.b64decode(resume.token, validate=True)
         except (ValueError, TypeError):
             token = b""
         if session is None or session.ended:
@@ -272,25 +241,32 @@ class Hub:
             return None
         return session
 
-    def _take_over(self, session: HubSession, link: Link) -> None:
-        if session.expiry is not None and session.expiry.active():
-            session.expiry.cancel()
-        session.expiry = None
+    def _take_over(self, session: HubSession, peer: str) -> None:
         old = session.link
         if old is not None:
             # The card is back before the hub noticed the old link die.
-            old.session = None
             old.fail("the card resumed its session on a new connection")
-        session.link = link
-        session.peer = link.peer_name()
+        self._cancel_expiry(session)
+        session.peer = peer
+
+    def _end_replaced(self, user: str, hub: str, card_mac: bytes) -> None:
+        """
+        A fresh login from a card ends that card's held sessions: its holder
+        is gone (a restarted card cannot resume), and its MACs would block
+        the new session's until the window passed.
+        """
+        for old in list(self.sessions.values()):
+            if old.held and old.user == user and old.vhub.name == hub and old.card_mac == card_mac:
+                self.end_session(old, "replaced by a new login of the same card")
 
     # leaving ---------------------------------------------------------------
 
     def link_lost(self, session: HubSession, clean: bool, reason: str) -> None:
-        if session.ended:
+        """C{session}'s link is gone; C{clean} if a goodbye was said."""
+        if session.ended or not session.held:
             return
         if clean or self.resume_window <= 0:
-            self.end_session(session, "said goodbye" if clean else reason)
+            self.end_session(session, f"the card said goodbye ({reason})" if clean else reason)
             return
         self.log.info(
             "session {id} of {user} on {hub} lost its link ({reason}); holding it for {w:g} s",
@@ -302,45 +278,45 @@ class Hub:
         session.expiry = None
         self.end_session(session, f"not resumed within {self.resume_window:g} s")
 
+    def _cancel_expiry(self, session: HubSession) -> None:
+        if session.expiry is not None and session.expiry.active():
+            session.expiry.cancel()
+        session.expiry = None
+
     def end_session(self, session: HubSession, why: str) -> None:
         if session.ended:
             return
         session.ended = True
-        if session.expiry is not None and session.expiry.active():
-            session.expiry.cancel()
-        session.expiry = None
+        self._cancel_expiry(session)
         self.sessions.pop(session.id, None)
-        session.vhub.remove_port(session)
-        session.pending = []
+        session.vhub.remove_port(session.port)
+        session.port.close()
         self.log.info(
             "session {id} of {user} on {hub} ended: {why}",
             id=session.id, user=session.user, hub=session.vhub.name, why=why,
         )
 
-    def shutdown(self) -> List[Link]:
+    def shutdown(self) -> List[ILink]:
         """Say goodbye on every link (the cards will not wait to resume)."""
         links = []
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
         for session in list(self.sessions.values()):
-            if session.link is not None:
-                links.append(session.link)
-                session.link.say_goodbye("the hub is shutting down")
+            link = session.link
+            if link is not None:
+                links.append(link)
+                link.say_goodbye("the hub is shutting down")
             self.end_session(session, "the hub is shutting down")
         return links
 
-    # switching -------------------------------------------------------------
-
-    def flush(self, source: Optional[Link] = None) -> None:
-        """Send what the last read from C{source} switched: one write per destination."""
-        dirty, self.dirty = self.dirty, []
-        for session in dirty:
-            if session.pending:
-                session.flush(source)
-
-    def _duplicate(self, vhub: VirtualHub, dup) -> None:
+    def _conflict(self, vhub: VirtualHub, conflict: Conflict) -> None:
         self.log.warn(
-            "MAC {mac} is used by more than one card on virtual hub {hub} (sessions {ids}); "
-            "frames to it go to whichever sent last",
-            mac=format_mac(dup.mac), hub=vhub.name, ids=", ".join(sorted(p.id for p in dup.ports)),
+            "MAC {mac} is used by more than one port of virtual hub {hub} ({ports}); "
+            "{what}",
+            mac=format_mac(conflict.mac), hub=vhub.name, ports=", ".join(sorted(p.name for p in conflict.ports)),
+            what="frames to it go to whichever sent last" if vhub.allow_moves
+            else "the first keeps it; frames from the others are dropped",
         )
 
     # status ----------------------------------------------------------------
@@ -350,22 +326,12 @@ class Hub:
         return [s.describe(now) for s in sorted(self.sessions.values(), key=lambda s: (s.vhub.name, s.started))]
 
     def describe_macs(self) -> Dict[str, dict]:
-        now = self.clock.seconds()
-        name_of = lambda port: port.id  # noqa: E731
         out = {}
         for name in sorted(set(self.state.hubs()) | set(self.vhubs)):
-            vhub = self.vhubs.get(name)
-            if vhub is None:
-                vhub = VirtualHub(name)  # not used yet: empty, all counters 0
-            vhub.expire(now)
+            vhub = self.vhubs.get(name) or VirtualHub(name, self.clock.seconds)  # not used yet: empty
             out[name] = {
-                "macs": vhub.describe_table(now, name_of),
-                "duplicates": vhub.describe_duplicates(name_of),
+                "macs": vhub.describe_table(),
+                "conflicts": vhub.describe_conflicts(),
                 "counters": vhub.counters(),
             }
         return out
-
-    def token_text(self, session: HubSession) -> str:
-        return base64.b64encode(session.token).decode("ascii")
-
-

@@ -6,103 +6,100 @@ A thin adapter: what a hello means is L{sevpn.hub.Hub}'s business.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from sevpn import wire
-from sevpn.hub import Hub, Refused
+from sevpn import defaults, wire
+from sevpn.hub import Hub, HubSession, Refused
 from sevpn.link import Link
 from sevpn.timing import Keepalive
+from sevpn.wire import Refusal
 
-#: A card must finish its hello within this many seconds.
-HANDSHAKE_TIMEOUT = 15.0
 #: At most this many connections may be in their handshake at once; more
 #: are turned away at once (a connection flood must not exhaust the hub).
 MAX_HANDSHAKES = 256
 
 
 class HubLink(Link):
+    """A card's connection to the hub."""
+
     def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive) -> None:
         super().__init__(clock, keepalive)
         self.hub = hub
         self._admitted = False
-        self._hello = None
+        self._hello: Optional[wire.Hello] = None
         self._handshake_call = None
 
     def connectionMade(self) -> None:
         self._admitted = self.factory.admit()
         if not self._admitted:
-            self.closed = True
+            self.open = False
             self.transport.abortConnection()
             return
         super().connectionMade()
-        self._handshake_call = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_overdue)
+        self._handshake_call = self.clock.callLater(defaults.HANDSHAKE_TIMEOUT, self._handshake_overdue)
+
+    def connectionLost(self, reason) -> None:
+        self._handshake_over()
+        super().connectionLost(reason)
 
     def _handshake_over(self) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
         if self._admitted:
             self._admitted = False
             self.factory.handshake_over()
 
     def _handshake_overdue(self) -> None:
         self._handshake_call = None
-        if not self.ready:
-            self.fail(f"no hello within {HANDSHAKE_TIMEOUT:g} seconds")
-
-    def lost(self, reason: str) -> None:
-        self._handshake_over()
-        if self._handshake_call is not None and self._handshake_call.active():
-            self._handshake_call.cancel()
-        self._handshake_call = None
+        self.fail(f"no hello within {defaults.HANDSHAKE_TIMEOUT:g} seconds")
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
         if kind != wire.HELLO or self._hello is not None:
             raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message")
-        self._hello = hello = wire.decode_json(kind, body)
-        d = self.hub.authenticate(self, hello)
-        d.addCallbacks(self._authenticated, self._refused)
+        try:
+            self._hello = hello = wire.Hello.decode(body)
+        except wire.BadHello as e:
+            self._hello = e
+            self.log.warn("{peer}: {why}", peer=self.peer_name(), why=str(e))
+            self._refuse(Refused(Refusal.BAD_HELLO))
+            return
+        d = self.hub.authenticate(self.peer_name(), self.peer_address(), hello)
+        d.addCallback(self._authenticated)
+        d.addErrback(self._refused)
         d.addErrback(lambda f: self.fail(f"handshake failed: {f.getErrorMessage()}"))
 
     def _refused(self, failure) -> None:
         failure.trap(Refused)
-        refusal = failure.value
-        if self.closed:
-            return
-        self.send_json(wire.REFUSED, {"code": refusal.code, "message": refusal.message})
-        self.failure = f"refused: {refusal.message}"
-        self.close()
+        self._refuse(failure.value)
+
+    def _refuse(self, refused: Refused) -> None:
+        self._handshake_over()
+        self.refuse(refused.message)
 
     def _authenticated(self, _) -> None:
-        if self.closed or self.failure is not None:
+        if not self.open:
             return  # the card left while its password was checked
-        session, resumed, card_received = self.hub.join(self, self._hello)
+        try:
+            session, resumed, card_received = self.hub.join(self.peer_name(), self._hello)
+        except Refused as refused:
+            self._refuse(refused)
+            return
         self._handshake_over()
-        if self._handshake_call is not None and self._handshake_call.active():
-            self._handshake_call.cancel()
-        self._handshake_call = None
-        self.session = session
-        self.ready = True
-        self.send_json(
-            wire.WELCOME,
-            {
-                "session": session.id,
-                "token": self.hub.token_text(session),
-                "resumed": resumed,
-                "received": session.received.received,
-                "hub": session.vhub.name,
-                "resume_window": self.hub.resume_window,
-                "features": [wire.FEATURE_OFFLOAD] if session.offload else [],
-            },
-        )
-        if resumed:
-            session.resend(card_received)
+        self.send_message(self.hub.welcome(session, resumed))
+        self.established(session, card_received)
 
-    def batch_done(self) -> None:
-        if self.hub.dirty:
-            self.hub.flush(self)
+    def detached(self, session: HubSession, clean: bool, reason: str) -> None:
+        self.hub.link_lost(session, clean, reason)
 
 
 class HubLinkFactory(Factory):
+    """Builds L{HubLink}s and bounds how many are in their handshake."""
+
     noisy = False
 
     log = Logger()

@@ -1,12 +1,24 @@
 """
 The link: one TLS connection between a card and the hub, the virtual LAN's
-"physical layer" (seed fact 7).
+"physical layer".
 
-L{Link} is the Twisted protocol both sides share: it cuts the stream into
+L{Link} is the Twisted protocol both ends share: it cuts the stream into
 messages (L{sevpn.wire}), keeps the line alive with NULL packets, declares
-a silent peer dead, acknowledges what arrived, and hands data frames to a
-L{Session}, which outlives links.  The hub's and the card's handshakes are
-small subclasses (L{sevpn.hublink.HubLink}, L{sevpn.cardlink.CardLink}).
+a silent peer dead, acknowledges what arrived, and carries the frames of a
+L{sevpn.session.Session}, which outlives links.  The hub's and the card's
+handshakes are small subclasses (L{sevpn.hublink.HubLink},
+L{sevpn.cardlink.CardLink}).
+
+A link's life is an Automat state machine; its transition table is at the
+end of L{Link}:
+
+    handshaking --established--> ready --say_goodbye / goodbye_received--> closing
+         |                         |                                          |
+         +--refuse / fail--> closing <--fail---+        connection_lost ----> closed
+
+Leaving I{ready} detaches the session (L{Link.detached}, for the subclass's
+role to decide): clean after a goodbye either way, unclean after a failure
+or a lost connection, when the peer may come back to resume.
 
 Every timer runs on the injected C{clock}, so tests drive it with
 L{twisted.internet.task.Clock}.
@@ -15,8 +27,9 @@ L{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 import socket
-from typing import Optional, Sequence
+from typing import List, Optional
 
+from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -24,7 +37,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sevpn import wire
-from sevpn.sequencing import ReceiveLog, SendLog, SequenceError
+from sevpn.sequencing import SequenceError
+from sevpn.session import ILink, Session
 from sevpn.timing import Keepalive
 
 #: Acknowledge at the latest after this many frames or bytes, or after
@@ -37,111 +51,26 @@ ACK_DELAY = 0.05
 #: side on the bench machine, 128 KiB moved as much as 256 KiB or more with
 #: half the queueing delay under load.
 SEND_BUFFER = 128 * 1024
-#: Bytes a sender may still queue on a link after its transport asked to
-#: pause: the depth of a switch port's queue, at the hub and at a card's
-#: edge alike.  Past it, frames are dropped and counted.  About half a
-#: millisecond at the hub's pace; side by side with 256 KiB it moved as
-#: much and cut the ping under load from ~3-5 ms to ~2.5 ms.
-PORT_QUEUE = 128 * 1024
-#: A link paused this long is stalled: the links held back for it are let
-#: go (a stalled card must not stall the cards that send to it), and what
-#: is switched to it is dropped until it takes data again.
-STALL_TIME = 0.5
 
 
-class Session:
-    """
-    What survives a link: the sequence state of both directions, the
-    counters, and where arriving frames go.  Subclasses decide delivery
-    (L{deliver}) and what a lost link means (L{link_lost}).
-    """
-
-    def __init__(self, buffer_limit: int) -> None:
-        self.sent = SendLog(buffer_limit)
-        self.received = ReceiveLog()
-        self.link: Optional[Link] = None
-        self.frames_in = 0
-        self.frames_out = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.resumes = 0
-        self.congestion_drops = 0
-
-    # toward the peer -------------------------------------------------------
-
-    def send_frames(self, frames: Sequence) -> None:
-        """Number C{frames} and send them, or hold them while no link is up."""
-        if not frames:
-            return
-        first, payload = self.sent.append(frames)
-        self.frames_out += len(frames)
-        self.bytes_out += len(payload) - 4 * len(frames)
-        link = self.link
-        if link is not None and link.ready:
-            link.send_data(first, payload)
-
-    def resend(self, peer_received: int) -> None:
-        """After a resume: send what the peer lacks, in order."""
-        for first, payload in self.sent.resend_after(peer_received):
-            self.link.send_data(first, payload)
-
-    # from the peer ---------------------------------------------------------
-
-    def data_arrived(self, first_seq: int, ack: int, frames: Sequence, size: int) -> None:
-        """DATA arrived: C{size} frame bytes in C{frames}."""
-        self.sent.ack(ack)
-        skip = self.received.accept(first_seq, len(frames))
-        if skip:
-            frames = frames[skip:]
-        if frames:
-            self.frames_in += len(frames)
-            self.bytes_in += size
-            self.deliver(frames)
-
-    def deliver(self, frames: Sequence) -> None:
-        raise NotImplementedError
-
-    def link_lost(self, link: "Link", clean: bool, reason: str) -> None:
-        """C{link} is gone; C{clean} if the peer said goodbye."""
-
-    def counters(self) -> dict:
-        return {
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "resumes": self.resumes,
-            "frames_buffered": self.sent.held,
-            "bytes_buffered": self.sent.bytes,
-            "frames_retransmitted": self.sent.retransmitted,
-            # lost from the resume buffer (it overflowed during an outage)
-            "frames_dropped": self.sent.dropped,
-            # dropped by queue management, as a congested switch port does
-            "congestion_drops": self.congestion_drops,
-            "frames_lost_inbound": self.received.lost,
-        }
-
-
-@implementer(IPushProducer)
+@implementer(IPushProducer, ILink)
 class Link(Protocol):
     """The message layer shared by both ends; see the module docstring."""
 
+    _machine = MethodicalMachine()
     log = Logger()
 
     def __init__(self, clock: IReactorTime, keepalive: Keepalive) -> None:
         self.clock = clock
         self.keepalive = keepalive
-        self.decoder = wire.Decoder()
+        #: Only a hello-sized message is accepted until the handshake is over.
+        self.decoder = wire.Decoder(wire.MAX_HELLO)
+        #: The session carried, while ready (the data path reads it directly).
         self.session: Optional[Session] = None
-        #: True once the handshake is done and data may flow.
-        self.ready = False
-        self.paused = False
-        #: Bytes written since the transport asked to pause.
-        self.backlog = 0
-        self.closed = False
-        self.goodbye_received = False
-        self.goodbye_sent = False
-        self.failure: Optional[str] = None
+        #: Whether the link still takes part (handshaking or ready).
+        self.open = True
+        #: Why the link ended, once it has, as a sentence.
+        self.reason: Optional[str] = None
         self._acked = 0
         self._unacked_frames = 0
         self._unacked_bytes = 0
@@ -150,13 +79,7 @@ class Link(Protocol):
         self._keepalive_call = None
         self._deadline_call = None
         self._ack_call = None
-        self._closed_waiters = []
-        #: Links not read until this one's transport has room again.
-        self._held_back = set()
-        #: How many links this one is held back for.
-        self._holds = 0
-        self.stalled = False
-        self._stall_call = None
+        self._closed_waiters: List[Deferred] = []
 
     # connection ------------------------------------------------------------
 
@@ -176,57 +99,31 @@ class Link(Protocol):
             pass  # not TCP (tests, UNIX sockets): nothing to tune
 
     def connectionLost(self, reason) -> None:
-        self.closed = True
-        self.ready = False
-        self._release()
-        for name in ("_keepalive_call", "_deadline_call", "_ack_call", "_stall_call"):
-            call = getattr(self, name)
-            if call is not None and call.active():
-                call.cancel()
-            setattr(self, name, None)
-        session, self.session = self.session, None
-        if session is not None and session.link is self:
-            session.link = None
-            why = self.failure or describe_failure(reason)
-            session.link_lost(self, self.goodbye_received or self.goodbye_sent, why)
-        self.lost(self.failure or describe_failure(reason))
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self.connection_lost(describe_failure(reason))
 
     def when_closed(self) -> Deferred:
         """A Deferred that fires once the connection is gone."""
-        if self.closed:
+        if self.transport is None or self._closed:
             return succeed(None)
         d = Deferred()
         self._closed_waiters.append(d)
         return d
 
-    def close(self) -> None:
-        """
-        Close after what was written is sent.  The link is a producer of
-        its TLS transport, which would wait for it to unregister before
-        shutting down: unregister first.
-        """
-        if self.transport is not None:
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-
-    def lost(self, reason: str) -> None:
-        """Subclass hook: the connection is gone."""
-
-    def fail(self, reason: str) -> None:
-        """End this connection because of the peer; C{reason} is logged."""
-        if self.closed or self.failure is not None:
-            return
-        self.failure = reason
-        self.log.warn("{peer}: closing the connection: {reason}", peer=self.peer_name(), reason=reason)
-        self.transport.abortConnection()
+    _closed = False
 
     def peer_name(self) -> str:
         try:
             peer = self.transport.getPeer()
-            return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+            host = getattr(peer, "host", peer)
+            port = getattr(peer, "port", "")
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}".rstrip(":")
+        except Exception:
+            return "peer"
+
+    def peer_address(self) -> str:
+        """The peer's address without the port (what throttles are keyed on)."""
+        try:
+            return str(getattr(self.transport.getPeer(), "host", "peer"))
         except Exception:
             return "peer"
 
@@ -234,49 +131,45 @@ class Link(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._last_received = self.clock.seconds()
+        session = self.session
         try:
             for kind, body in self.decoder.feed(data):
-                if self.failure is not None or self.closed:
-                    return
-                if kind == wire.DATA and self.ready and self.session is not None:
+                if kind == wire.DATA:
+                    if session is None:
+                        raise wire.ProtocolError("unexpected DATA message")
                     first, ack, frames = wire.decode_data(body)
-                    self.session.data_arrived(first, ack, frames, len(body) - 16 - 4 * len(frames))
+                    session.data_received(first, ack, frames, len(body) - 16 - 4 * len(frames))
                     self._unacked_frames += len(frames)
                     self._unacked_bytes += len(body)
                 elif kind == wire.ACK or kind == wire.NULL:
                     ack = wire.decode_ack(body)
-                    if self.ready and self.session is not None:
-                        self.session.sent.ack(ack)
+                    if session is not None:
+                        session.ack_received(ack)
                 elif kind == wire.GOODBYE:
-                    self.goodbye_received = True
-                    info = wire.decode_json(kind, body)
-                    self.goodbye(str(info.get("reason", "")))
-                    self.close()
+                    self.goodbye_received(wire.Goodbye.decode(body).reason)
                     return
                 else:
                     self.handshake_message(kind, body)
+                    session = self.session
+                if not self.open:
+                    return
         except (wire.ProtocolError, SequenceError) as e:
             self.fail(str(e))
             return
         finally:
-            self.batch_done()
-        if self.ready and self.session is not None:
+            if session is not None:
+                session.input_done()
+        if self.session is not None:
             self._maybe_ack()
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
         """Subclass hook: a message other than data, ack, keepalive, goodbye."""
         raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message")
 
-    def batch_done(self) -> None:
-        """Subclass hook: all messages of one read were handled."""
-
-    def goodbye(self, reason: str) -> None:
-        """Subclass hook: the peer is leaving cleanly."""
-
     # acknowledgements ------------------------------------------------------
 
     def _maybe_ack(self) -> None:
-        if self.session.received.received == self._acked:
+        if self.session.delivered == self._acked:
             return
         if self._unacked_frames >= ACK_FRAMES or self._unacked_bytes >= ACK_BYTES:
             self.send_ack()
@@ -285,11 +178,11 @@ class Link(Protocol):
 
     def _ack_due(self) -> None:
         self._ack_call = None
-        if self.ready and self.session.received.received != self._acked:
+        if self.session is not None and self.session.delivered != self._acked:
             self.send_ack()
 
     def _note_acked(self) -> int:
-        ack = self.session.received.received if self.session is not None else 0
+        ack = self.session.delivered if self.session is not None else 0
         self._acked = ack
         self._unacked_frames = 0
         self._unacked_bytes = 0
@@ -305,27 +198,19 @@ class Link(Protocol):
         self.transport.write(data)
 
     def send_data(self, first_seq: int, payload: bytes) -> None:
+        """L{ILink}: one DATA message, with the current ack piggybacked."""
         self._sent_something = True
-        if self.paused:
-            self.backlog += len(payload)
         self.transport.writeSequence([wire.data_header(first_seq, self._note_acked(), len(payload)), payload])
 
-    def send_json(self, kind: int, obj: dict) -> None:
-        self.write(wire.encode_json(kind, obj))
-
-    def say_goodbye(self, reason: str) -> None:
-        """Leave cleanly: the peer holds no resume for this session."""
-        if self.closed or self.goodbye_sent:
-            return
-        self.goodbye_sent = True
-        self.send_json(wire.GOODBYE, {"reason": reason})
-        self.close()
+    def send_message(self, message) -> None:
+        """Write a handshake message (L{wire.Hello}, L{wire.Welcome}, ...)."""
+        self.write(message.encode())
 
     # keepalive -------------------------------------------------------------
 
     def _keepalive_due(self) -> None:
         self._keepalive_call = self.clock.callLater(self.keepalive.next_interval(), self._keepalive_due)
-        if not self._sent_something and self.ready:
+        if not self._sent_something and self.session is not None:
             self.write(wire.encode_null(self._note_acked(), self.keepalive.padding()))
         self._sent_something = False
 
@@ -337,51 +222,183 @@ class Link(Protocol):
         else:
             self._deadline_call = self.clock.callLater(self.keepalive.timeout - idle, self._deadline_due)
 
-    # IPushProducer -----------------------------------------------------------
-
-    def hold_back(self, source: "Link") -> None:
-        """Stop reading C{source} until this link's transport resumes."""
-        if source is self or source in self._held_back or source.closed:
-            return
-        self._held_back.add(source)
-        source._holds += 1
-        if source._holds == 1:
-            source.transport.pauseProducing()
-        if self._stall_call is None:
-            self._stall_call = self.clock.callLater(STALL_TIME, self._stalled)
-
-    def _stalled(self) -> None:
-        self._stall_call = None
-        if self.paused:
-            self.stalled = True
-            self._release()
-
-    def _release(self) -> None:
-        held, self._held_back = self._held_back, set()
-        for source in held:
-            source._holds -= 1
-            if source._holds == 0 and not source.closed:
-                source.transport.resumeProducing()
-
-    @property
-    def full(self) -> bool:
-        """The port's queue is full, or its card stalled: a switch drops what comes now."""
-        return self.paused and (self.stalled or self.backlog >= PORT_QUEUE)
+    # flow control: IPushProducer (our transport's writes) and ILink (its reads)
 
     def pauseProducing(self) -> None:
-        self.paused = True
+        if self.session is not None:
+            self.session.link_paused(self)
 
     def resumeProducing(self) -> None:
-        self.paused = False
-        self.stalled = False
-        self.backlog = 0
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        self._stall_call = None
-        self._release()
+        if self.session is not None:
+            self.session.link_resumed(self)
 
     def stopProducing(self) -> None:
         pass
+
+    def pause_reading(self) -> None:
+        if self.open and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.open and self.transport is not None:
+            self.transport.resumeProducing()
+
+    # hooks for the two roles -------------------------------------------------
+
+    def detached(self, session: Session, clean: bool, reason: str) -> None:
+        """The link no longer carries C{session}; C{clean} after a goodbye."""
+
+    def ended_in_handshake(self, reason: str) -> None:
+        """The connection ended before the handshake was over."""
+
+    # the state machine -------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def handshaking(self):
+        """Connected; the hello and its answer are being exchanged."""
+
+    @_machine.state()
+    def ready(self):
+        """The handshake is over: the link carries a session's frames."""
+
+    @_machine.state()
+    def closing(self):
+        """Leaving: a goodbye, a refusal or an error; the connection is closing."""
+
+    @_machine.state()
+    def closed(self):
+        """The connection is gone."""
+
+    @_machine.input()
+    def established(self, session: Session, peer_received: int):
+        """The handshake is over: carry C{session}, resending above C{peer_received}."""
+
+    @_machine.input()
+    def say_goodbye(self, reason: str):
+        """Leave cleanly: the peer holds no resume for this session."""
+
+    @_machine.input()
+    def goodbye_received(self, reason: str):
+        """The peer is leaving cleanly."""
+
+    @_machine.input()
+    def refuse(self, refused: wire.Refused):
+        """(Hub) turn the card away with a REFUSED message."""
+
+    @_machine.input()
+    def fail(self, reason: str):
+        """End this connection because of the peer; C{reason} is logged."""
+
+    @_machine.input()
+    def connection_lost(self, reason: str):
+        """The transport is gone."""
+
+    @_machine.output()
+    def _attach(self, session: Session, peer_received: int) -> None:
+        self.session = session
+        self.decoder.max_body = wire.MAX_BODY
+        session.use_link(self, peer_received)
+
+    @_machine.output()
+    def _send_goodbye(self, reason: str) -> None:
+        self.write(wire.Goodbye(reason).encode())
+        self.reason = f"said goodbye: {reason}"
+
+    @_machine.output()
+    def _note_goodbye(self, reason: str) -> None:
+        self.reason = reason or "the peer said goodbye"
+
+    @_machine.output()
+    def _send_refusal(self, refused: wire.Refused) -> None:
+        self.send_message(refused)
+        self.reason = f"refused: {refused.message}"
+
+    @_machine.output()
+    def _detach_clean(self) -> None:
+        self._detach(True)
+
+    @_machine.output()
+    def _detach_unclean(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._detach(False)
+
+    def _detach(self, clean: bool) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.stop_using_link(self)
+            self.detached(session, clean, self.reason)
+
+    @_machine.output()
+    def _close(self) -> None:
+        """Close after what was written is sent."""
+        self.open = False
+        # The link is a producer of its TLS transport, which would wait for
+        # it to unregister before shutting down: unregister first.
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    @_machine.output()
+    def _abort(self, reason: str) -> None:
+        self.open = False
+        self.reason = reason
+        self.log.warn("{peer}: closing the connection: {reason}", peer=self.peer_name(), reason=reason)
+        self.transport.abortConnection()
+
+    @_machine.output()
+    def _lost_in_handshake(self, reason: str) -> None:
+        self.open = False
+        if self.reason is None:
+            self.reason = reason
+        self.ended_in_handshake(self.reason)
+
+    @_machine.output()
+    def _finish(self, reason: str) -> None:
+        self.open = False
+        self._closed = True
+        if self.reason is None:
+            self.reason = reason
+        for name in ("_keepalive_call", "_deadline_call", "_ack_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    @_machine.output()
+    def _ignore(self) -> None:
+        pass
+
+    handshaking.upon(established, enter=ready, outputs=[_attach])
+    handshaking.upon(refuse, enter=closing, outputs=[_send_refusal, _close])
+    handshaking.upon(say_goodbye, enter=closing, outputs=[_close])
+    handshaking.upon(goodbye_received, enter=closing, outputs=[_note_goodbye, _close])
+    handshaking.upon(fail, enter=closing, outputs=[_abort])
+    handshaking.upon(connection_lost, enter=closed, outputs=[_lost_in_handshake, _finish])
+
+    ready.upon(say_goodbye, enter=closing, outputs=[_send_goodbye, _detach_clean, _close])
+    ready.upon(goodbye_received, enter=closing, outputs=[_note_goodbye, _detach_clean, _close])
+    ready.upon(fail, enter=closing, outputs=[_abort, _detach_unclean])
+    ready.upon(connection_lost, enter=closed, outputs=[_detach_unclean, _finish])
+    ready.upon(refuse, enter=ready, outputs=[_ignore])
+    ready.upon(established, enter=ready, outputs=[_ignore])
+
+    closing.upon(connection_lost, enter=closed, outputs=[_finish])
+    closing.upon(say_goodbye, enter=closing, outputs=[_ignore])
+    closing.upon(goodbye_received, enter=closing, outputs=[_ignore])
+    closing.upon(fail, enter=closing, outputs=[_ignore])
+    closing.upon(refuse, enter=closing, outputs=[_ignore])
+    closing.upon(established, enter=closing, outputs=[_ignore])
+
+    closed.upon(say_goodbye, enter=closed, outputs=[_ignore])
+    closed.upon(goodbye_received, enter=closed, outputs=[_ignore])
+    closed.upon(fail, enter=closed, outputs=[_ignore])
+    closed.upon(refuse, enter=closed, outputs=[_ignore])
+    closed.upon(established, enter=closed, outputs=[_ignore])
+    closed.upon(connection_lost, enter=closed, outputs=[_ignore])
 
 
 def describe_failure(reason) -> str:

@@ -15,12 +15,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Deque, List, Sequence, Tuple
 
-from sevpn import wire
+from sevpn import defaults, wire
 
-#: Default bound of a send log: 64 MiB.  During an outage the TCP flows
-#: inside the tunnel stop at their window (a few MiB each), so this holds
-#: a 60-second outage of a busy card, or ~1 MiB/s of unacknowledged UDP.
-DEFAULT_LIMIT = 64 * 1024 * 1024
+DEFAULT_LIMIT = defaults.RESUME_BUFFER
 
 
 class SequenceError(Exception):

@@ -18,11 +18,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.logger import Logger
 
-from sevpn import control
+from sevpn import control, defaults
 from sevpn.accounts import Account, AccountStore
 from sevpn.card import Card
 from sevpn.files import ensure_dir
-from sevpn.hub import DEFAULT_RESUME_WINDOW, Hub
+from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
 from sevpn.mac import format_mac, load_or_create_mac
 from sevpn.pki import client_tls_options, ensure_pki, server_tls_options
@@ -31,9 +31,6 @@ from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
 from sevpn.tls import TLSClientEndpoint, TLSFactory
 from sevpn.users import HubState, StateError
-
-DEFAULT_HUB_STATE = "/var/lib/sevpn/hub"
-DEFAULT_CARD_STATE = "/var/lib/sevpn/nic"
 
 
 def _reactor(reactor):
@@ -70,17 +67,17 @@ class HubService(Service):
 
     def __init__(
         self,
-        state_dir: str = DEFAULT_HUB_STATE,
-        listen: Sequence[str] = ("tcp:5555",),
+        state_dir: str = defaults.HUB_STATE_DIR,
+        listen: Sequence[str] = defaults.LISTEN,
         hostnames: Iterable[str] = (),
-        resume_window: float = DEFAULT_RESUME_WINDOW,
+        resume_window: float = defaults.RESUME_WINDOW,
         keepalive: Optional[Keepalive] = None,
         buffer_limit: int = DEFAULT_LIMIT,
         max_age: float = DEFAULT_MAX_AGE,
         reactor=None,
     ) -> None:
         self.state_dir = state_dir
-        self.listen = list(listen) or ["tcp:5555"]
+        self.listen = list(listen) or list(defaults.LISTEN)
         self.hostnames = list(hostnames)
         self.resume_window = resume_window
         self.keepalive = keepalive or Keepalive()
@@ -103,6 +100,7 @@ class HubService(Service):
                 state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit,
                 max_age=self.max_age, verify=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
             )
+            self.hub.start()
             self.links = HubLinkFactory(self.hub, reactor, self.keepalive)
             factory = TLSFactory(server_tls_options(cert, key), False, self.links)
             for description in self.listen:
@@ -180,12 +178,12 @@ class CardService(Service):
 
     def __init__(
         self,
-        state_dir: str = DEFAULT_CARD_STATE,
-        tap_name: str = "sevpn0",
+        state_dir: str = defaults.CARD_STATE_DIR,
+        tap_name: str = defaults.TAP_NAME,
         account=None,
         mac: Optional[bytes] = None,
         keepalive: Optional[Keepalive] = None,
-        resume_window: float = DEFAULT_RESUME_WINDOW,
+        resume_window: float = defaults.RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
         offload: bool = True,
         reactor=None,
@@ -204,7 +202,7 @@ class CardService(Service):
         self.control_port = None
 
     def startService(self) -> None:
-        from sevpn.tap import TapDevice, TapError
+        from sevpn.tapdevice import TapError, TapPort
 
         reactor = _reactor(self.reactor)
         try:
@@ -213,16 +211,17 @@ class CardService(Service):
             if isinstance(account, str):
                 account = AccountStore(self.state_dir).get(account)
             mac = self.mac or load_or_create_mac(self.state_dir)
+            self.tap = TapPort(self.tap_name, mac, reactor, self.offload)
             card = Card(
                 reactor,
-                None,
+                self.tap,
                 mac,
                 tls_endpoint_for(reactor),
                 keepalive=self.keepalive,
                 resume_window=self.resume_window,
                 buffer_limit=self.buffer_limit,
             )
-            self.tap = card.tap = TapDevice(self.tap_name, mac, reactor, card.tap_frames, self.offload)
+            self.tap.start_reading()
             self.card = card
             self.control_port = control.listen(
                 reactor,

@@ -2,12 +2,9 @@
 The virtual HUB's Ethernet switch: a MAC-learning table per virtual hub.
 
 Pure policy: no reactor, no sockets.  A virtual hub forwards frames between
-I{ports} (the hub's sessions); a port is anything with an
-C{enqueue(frame, offset)} method and a C{mac_offset}: the bytes in front of
-the Ethernet header in the frames it sends and wants (an offload header
-for cards with kernel offload, none otherwise).  A port converts frames of
-another offset itself.  Time
-comes in as a number, so aging is tested without waiting.
+I{ports} (L{sevpn.port.IPort}: cards' sessions, TAP devices, cascades).
+Time comes from an injected clock function, so aging is tested without
+waiting.
 
 What it does, as a real switch does:
  - learns each source MAC -> the port it came from;
@@ -17,49 +14,62 @@ What it does, as a real switch does:
  - entries not refreshed for C{max_age} seconds (default 300, the same as
    Linux bridges and most hardware switches) are forgotten.
 
-A MAC that moves between two ports that are both still attached is a
-I{duplicate}: two cards using one address.  The table follows the most
-recent sender (as hardware switches do), which makes both cards' traffic
-unreliable; the hub logs it once per pair and shows it in its status so an
-operator can fix the cards.
+And what a switch facing the internet must do besides (a card's user may
+be hostile):
+ - a port learns at most C{max_macs} source MACs (its own limit, else the
+   virtual hub's C{max_macs_per_port}); frames from further new MACs are
+   dropped and counted (C{mac_limit_drops});
+ - a live port cannot take over a MAC another live port owns: the frame is
+   dropped and counted (C{mac_conflicts}) and the first owner keeps the
+   MAC until it goes or the entry ages out.  With C{allow_moves} the table
+   follows the latest sender instead, as a plain hardware switch does;
+ - the table is bounded (C{max_entries}); a new MAC in a full table is
+   refused in constant time (C{not_learned}) and its frame still forwarded;
+ - each destination is sent its frames on its own: one port's failure never
+   keeps the others from theirs.
+
+Frames are switched in two steps: L{VirtualHub.forward} (per message) puts
+each frame in its destinations' outboxes, L{VirtualHub.flush} (once per read
+from the source) hands each destination its frames in one call.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Protocol, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
+from twisted.logger import Logger
+
+from sevpn import defaults
 from sevpn.mac import format_mac
+from sevpn.port import IPort
 
-DEFAULT_MAX_AGE = 300.0
+DEFAULT_MAX_AGE = defaults.MAC_AGE
 DEFAULT_MAX_ENTRIES = 4096
-
-
-class Port(Protocol):
-    mac_offset: int
-
-    def enqueue(self, frame, offset: int) -> None: ...
+#: Source MACs one port may own unless it says otherwise (SoftEther's
+#: MaxMac policy): a card with a few VMs or a small bridged LAN behind it.
+DEFAULT_MAX_MACS = 16
 
 
 class MacEntry:
     __slots__ = ("port", "seen", "learned")
 
-    def __init__(self, port: Port, now: float) -> None:
+    def __init__(self, port: IPort, now: float) -> None:
         self.port = port
         self.seen = now
         self.learned = now
 
 
-class Duplicate:
+class Conflict:
     """Two live ports sending from one MAC."""
 
-    __slots__ = ("mac", "ports", "first", "last", "moves")
+    __slots__ = ("mac", "ports", "first", "last", "count")
 
-    def __init__(self, mac: bytes, ports: Set[Port], now: float) -> None:
+    def __init__(self, mac: bytes, ports: Set[IPort], now: float) -> None:
         self.mac = mac
         self.ports = ports
         self.first = now
         self.last = now
-        self.moves = 1
+        self.count = 1
 
 
 class VirtualHub:
@@ -68,142 +78,202 @@ class VirtualHub:
     leaves through ports of the same virtual hub only.
     """
 
+    log = Logger()
+
     def __init__(
         self,
         name: str,
+        clock: Callable[[], float],
         max_age: float = DEFAULT_MAX_AGE,
         max_entries: int = DEFAULT_MAX_ENTRIES,
-        on_duplicate=None,
+        max_macs_per_port: int = DEFAULT_MAX_MACS,
+        allow_moves: bool = False,
+        on_conflict: Optional[Callable[["VirtualHub", Conflict], None]] = None,
     ) -> None:
         self.name = name
+        self.clock = clock
         self.max_age = max_age
         self.max_entries = max_entries
-        self.ports: List[Port] = []
+        self.max_macs_per_port = max_macs_per_port
+        self.allow_moves = allow_moves
+        self.ports: List[IPort] = []
         self.table: Dict[bytes, MacEntry] = {}
-        self.duplicates: Dict[bytes, Duplicate] = {}
-        self._on_duplicate = on_duplicate
+        self.conflicts: Dict[bytes, Conflict] = {}
+        self._on_conflict = on_conflict
+        #: Frames switched and not yet flushed, per destination.
+        self._outbox: Dict[IPort, list] = {}
         # counters
         self.flooded = 0
         self.unicast = 0
         self.filtered = 0
         self.not_learned = 0
+        self.mac_limit_drops = 0
+        self.mac_conflicts = 0
         self.runts = 0
+        self.port_failures = 0
 
     # ports -----------------------------------------------------------------
 
-    def add_port(self, port: Port) -> None:
+    def add_port(self, port: IPort) -> None:
         if port not in self.ports:
             self.ports.append(port)
+            port.sink = self
 
-    def remove_port(self, port: Port) -> None:
+    def remove_port(self, port: IPort) -> None:
         """Detach a port for good and forget every MAC learned on it."""
         if port in self.ports:
             self.ports.remove(port)
-        for mac in [m for m, e in self.table.items() if e.port is port]:
-            del self.table[mac]
-        for mac in [m for m, d in self.duplicates.items() if port in d.ports]:
-            del self.duplicates[mac]
+        self._outbox.pop(port, None)
+        for mac in list(port.macs):
+            entry = self.table.get(mac)
+            if entry is not None and entry.port is port:
+                del self.table[mac]
+        port.macs.clear()
+        for mac in [m for m, c in self.conflicts.items() if port in c.ports]:
+            del self.conflicts[mac]
 
     # the data path ---------------------------------------------------------
 
-    def forward(self, source: Port, frames: Sequence, now: float) -> None:
-        """Switch C{frames} that arrived on C{source}."""
+    def forward(self, source: IPort, frames: Sequence) -> None:
+        """Put C{frames} that arrived on C{source} in their destinations' outboxes."""
         table = self.table
+        outbox = self._outbox
         offset = source.mac_offset
         shortest = offset + 14
+        now = self.clock()
         max_age = self.max_age
         last_src = None
         for frame in frames:
             if len(frame) < shortest:
                 self.runts += 1
                 continue
-            dst = bytes(frame[offset : offset + 6])
             src = bytes(frame[offset + 6 : offset + 12])
             if src != last_src:
-                self._learn(src, source, now)
+                if not self._learn(src, source, now):
+                    continue
                 last_src = src
-            else:
-                entry = table.get(src)
-                if entry is not None and entry.port is source:
-                    entry.seen = now
+            dst = bytes(frame[offset : offset + 6])
             if not dst[0] & 1:
                 entry = table.get(dst)
                 if entry is not None:
                     if now - entry.seen > max_age:
-                        del table[dst]
+                        self._forget(dst, entry)
                     elif entry.port is source:
                         self.filtered += 1
                         continue
                     else:
                         self.unicast += 1
-                        entry.port.enqueue(frame, offset)
+                        box = outbox.get(entry.port)
+                        if box is None:
+                            outbox[entry.port] = [frame]
+                        else:
+                            box.append(frame)
                         continue
             self.flooded += 1
             for port in self.ports:
                 if port is not source:
-                    port.enqueue(frame, offset)
+                    box = outbox.get(port)
+                    if box is None:
+                        outbox[port] = [frame]
+                    else:
+                        box.append(frame)
 
-    def _learn(self, mac: bytes, port: Port, now: float) -> None:
+    def flush(self, source: IPort) -> None:
+        """Hand every destination what C{source}'s frames were switched to."""
+        outbox, self._outbox = self._outbox, {}
+        offset = source.mac_offset
+        for port, frames in outbox.items():
+            try:
+                port.deliver(frames, offset, source)
+            except Exception:
+                # A bug, not a peer's doing (input is validated where it
+                # enters); still, it must cost that one port only.
+                self.port_failures += 1
+                self.log.failure("virtual hub {hub}: sending to {port} failed", hub=self.name, port=port.name)
+
+    def _learn(self, mac: bytes, port: IPort, now: float) -> bool:
+        """Learn C{mac} on C{port}; False if the frame must be dropped."""
         if mac[0] & 1:
-            return  # a multicast source is bogus; never learn it
+            return True  # a multicast source is bogus; never learn it
         entry = self.table.get(mac)
+        if entry is not None and entry.port is port:
+            entry.seen = now
+            return True
+        limit = port.max_macs or self.max_macs_per_port
         if entry is None:
+            if limit and len(port.macs) >= limit:
+                self.mac_limit_drops += 1
+                return False
             if len(self.table) >= self.max_entries:
-                self.expire(now)
-                if len(self.table) >= self.max_entries:
-                    self.not_learned += 1
-                    return
+                self.not_learned += 1
+                return True
             self.table[mac] = MacEntry(port, now)
-            return
-        if entry.port is not port:
-            old = entry.port
-            if old in self.ports and now - entry.seen <= self.max_age:
-                self._duplicate(mac, {old, port}, now)
-            entry.port = port
-            entry.learned = now
-        entry.seen = now
+            port.macs.add(mac)
+            return True
+        old = entry.port
+        if now - entry.seen <= self.max_age and old in self.ports:
+            self._conflict(mac, {old, port}, now)
+            if not self.allow_moves:
+                self.mac_conflicts += 1
+                return False
+        if limit and len(port.macs) >= limit:
+            self.mac_limit_drops += 1
+            return False
+        old.macs.discard(mac)
+        port.macs.add(mac)
+        entry.port = port
+        entry.learned = entry.seen = now
+        return True
 
-    def _duplicate(self, mac: bytes, ports: Set[Port], now: float) -> None:
-        dup = self.duplicates.get(mac)
-        if dup is not None and ports <= dup.ports:
-            dup.last = now
-            dup.moves += 1
+    def _forget(self, mac: bytes, entry: MacEntry) -> None:
+        del self.table[mac]
+        entry.port.macs.discard(mac)
+
+    def _conflict(self, mac: bytes, ports: Set[IPort], now: float) -> None:
+        conflict = self.conflicts.get(mac)
+        if conflict is not None and ports <= conflict.ports:
+            conflict.last = now
+            conflict.count += 1
             return
-        if dup is not None:
-            dup.ports |= ports
-            dup.last = now
-            dup.moves += 1
+        if conflict is not None:
+            conflict.ports |= ports
+            conflict.last = now
+            conflict.count += 1
         else:
-            dup = self.duplicates[mac] = Duplicate(mac, set(ports), now)
-        if self._on_duplicate is not None:
-            self._on_duplicate(self, dup)
+            conflict = self.conflicts[mac] = Conflict(mac, set(ports), now)
+        if self._on_conflict is not None:
+            self._on_conflict(self, conflict)
 
     # housekeeping ----------------------------------------------------------
 
-    def expire(self, now: float) -> int:
-        """Forget entries older than C{max_age}; return how many."""
-        old = [m for m, e in self.table.items() if now - e.seen > self.max_age]
-        for mac in old:
-            del self.table[mac]
-        for mac in [m for m, d in self.duplicates.items() if now - d.last > self.max_age]:
-            del self.duplicates[mac]
+    def expire(self) -> int:
+        """Forget entries older than C{max_age}; return how many.  Run from a timer."""
+        now = self.clock()
+        old = [(m, e) for m, e in self.table.items() if now - e.seen > self.max_age]
+        for mac, entry in old:
+            self._forget(mac, entry)
+        for mac in [m for m, c in self.conflicts.items() if now - c.last > self.max_age]:
+            del self.conflicts[mac]
         return len(old)
 
-    def lookup(self, mac: bytes, now: float) -> Optional[Port]:
+    def lookup(self, mac: bytes) -> Optional[IPort]:
         entry = self.table.get(mac)
-        if entry is None or now - entry.seen > self.max_age:
+        if entry is None or self.clock() - entry.seen > self.max_age:
             return None
         return entry.port
 
-    def describe_table(self, now: float, name_of=repr) -> List[dict]:
+    def describe_table(self) -> List[dict]:
+        now = self.clock()
         return [
-            {
-                "mac": format_mac(mac),
-                "session": name_of(e.port),
-                "age": round(now - e.seen, 1),
-            }
+            {"mac": format_mac(mac), "port": e.port.name, "age": round(now - e.seen, 1)}
             for mac, e in sorted(self.table.items())
             if now - e.seen <= self.max_age
+        ]
+
+    def describe_conflicts(self) -> List[dict]:
+        return [
+            {"mac": format_mac(c.mac), "ports": sorted(p.name for p in c.ports), "count": c.count}
+            for c in self.conflicts.values()
         ]
 
     def counters(self) -> dict:
@@ -212,16 +282,9 @@ class VirtualHub:
             "unicast": self.unicast,
             "filtered": self.filtered,
             "not_learned": self.not_learned,
+            "mac_limit_drops": self.mac_limit_drops,
+            "mac_conflicts": self.mac_conflicts,
             "runts": self.runts,
+            "port_failures": self.port_failures,
+            "macs": len(self.table),
         }
-
-    def describe_duplicates(self, name_of=repr) -> List[dict]:
-        return [
-            {
-                "mac": format_mac(d.mac),
-                "sessions": sorted(name_of(p) for p in d.ports),
-                "moves": d.moves,
-            }
-            for d in self.duplicates.values()
-        ]
-

@@ -19,34 +19,41 @@ Python is most of the cost of a hop.  Here:
 No small-write aggregation either (Twisted's default
 BufferingTLSTransport): a link already writes once per wakeup.
 
-This leans on what is not public API: three methods of
-L{TLSMemoryBIOProtocol} (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO}),
-pyOpenSSL's cffi binding and handles (C{OpenSSL._util.lib},
-C{Connection._ssl}, C{Connection._from_ssl}), and the TCP transport's
-C{doRead}, replaced per connection.  constraints.txt pins the
-versions; tests/test_tls.py checks every byte across real TLS, including
-writes larger than the scratch buffer and partial socket writes, and every
-system test goes through it.  Without the binding, Twisted's own methods
-run (slower, same bytes).
+The fence.  This fast path uses what is not public API, every piece of it
+resolved once, at import (L{_resolve}):
+
+ - Twisted's L{TLSMemoryBIOProtocol}: C{_write}, C{_flushSendBIO},
+   C{_flushReceiveBIO}, C{_bufferedWrite}, C{_tlsShutdownFinished},
+   C{_lostTLSConnection}, C{_aborted}, and the instance's C{_tlsConnection};
+ - Twisted's TCP transport: C{dataBuffer}, C{_tempDataBuffer}, C{connected},
+   C{disconnecting}, C{socket}, and its C{doRead}, replaced per connection;
+ - pyOpenSSL's cffi binding C{OpenSSL._util} (C{ffi}, C{lib.BIO_read},
+   C{lib.SSL_read}, C{lib.SSL_get_error}, C{lib.SSL_clear_mode},
+   C{lib.ERR_clear_error}, C{lib.SSL_MODE_ENABLE_PARTIAL_WRITE},
+   C{lib.SSL_ERROR_WANT_READ}) and C{Connection._ssl}/C{Connection._from_ssl}.
+
+If any is missing, links use Twisted's plain L{TLSMemoryBIOProtocol} (same
+bytes, slower) and one log line says why.  setup.cfg bounds the versions
+this was checked with; tests/test_tls.py runs the real-TLS tests through
+both paths, including writes larger than the scratch buffer and partial
+socket writes.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Optional, Tuple
+
 from OpenSSL.SSL import Error, WantReadError
 from twisted.internet import main
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-try:  # pyOpenSSL's cffi binding of OpenSSL: the per-record fast path
-    from OpenSSL._util import ffi as _ffi, lib as _lib
-
-    _PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
-    _WANT_READ = _lib.SSL_ERROR_WANT_READ
-except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
-    _lib = None
+log = Logger()
 
 #: Bytes taken from the socket per read (Twisted's TCP transport reads
 #: 64 KiB): a DATA message is up to 128 KiB, and each read is a trip
@@ -57,27 +64,70 @@ READ_SIZE = 1 << 18
 #: process shares it: the reactor runs one callback at a time, and nothing
 #: keeps a view of it past the call that filled it.
 SCRATCH = 1 << 19
+
+_TWISTED_TLS = ("_write", "_flushSendBIO", "_flushReceiveBIO", "_bufferedWrite", "_tlsShutdownFinished",
+                "_lostTLSConnection", "_aborted")
+_OPENSSL = ("BIO_read", "SSL_read", "SSL_get_error", "SSL_clear_mode", "ERR_clear_error",
+            "SSL_MODE_ENABLE_PARTIAL_WRITE", "SSL_ERROR_WANT_READ")
+
+
+def _resolve() -> Tuple[Optional[SimpleNamespace], Optional[str]]:
+    """The private pieces the fast path needs, or None and why not."""
+    missing = [name for name in _TWISTED_TLS if not hasattr(TLSMemoryBIOProtocol, name)]
+    if missing:
+        return None, f"Twisted's TLSMemoryBIOProtocol lacks {', '.join(missing)}"
+    try:
+        from twisted.internet import abstract, tcp
+
+        probe = abstract.FileDescriptor(reactor=object())
+        missing = [n for n in ("dataBuffer", "_tempDataBuffer", "connected", "disconnecting") if not hasattr(probe, n)]
+        if missing or not hasattr(tcp.Connection, "doRead"):
+            return None, f"Twisted's TCP transport lacks {', '.join(missing) or 'doRead'}"
+    except Exception as e:  # an unexpected shape: the plain path is always right
+        return None, f"Twisted's TCP transport could not be checked ({e})"
+    try:
+        from OpenSSL import SSL
+        from OpenSSL._util import ffi, lib
+
+        lib_names = {name: getattr(lib, name) for name in _OPENSSL}
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        connection._ssl, connection._from_ssl  # noqa: B018 - the probe
+    except (ImportError, AttributeError) as e:
+        return None, f"pyOpenSSL's binding is not the one this was checked with ({e})"
+    return SimpleNamespace(ffi=ffi, lib=lib, **lib_names), None
+
+
+_fast, FALLBACK_REASON = _resolve()
+if _fast is None:
+    log.warn("TLS fast path off, links use Twisted's plain TLS (slower): {why}", why=FALLBACK_REASON)
+
 _scratch = None
 #: The socket reads' buffer, shared the same way: OpenSSL copies what is
 #: read into its BIO before the call returns.
 _inbox = None
 
 
+def fast_path() -> bool:
+    """Whether links use the fast path."""
+    return _fast is not None
+
+
 def _scratch_buffer():
     global _scratch
     if _scratch is None:
-        _scratch = _ffi.new("char[]", SCRATCH)
+        _scratch = _fast.ffi.new("char[]", SCRATCH)
     return _scratch
 
 
 class LinkTLSProtocol(TLSMemoryBIOProtocol):
+    """L{TLSMemoryBIOProtocol} with the fast path; see the module docstring."""
+
     def makeConnection(self, transport) -> None:
         TLSMemoryBIOProtocol.makeConnection(self, transport)
         _read_in_large_pieces(transport)
-        if _lib is not None:
-            # One SSL_write takes a whole message (the BIO is memory, it
-            # never blocks) instead of returning after every record.
-            _lib.SSL_clear_mode(self._tlsConnection._ssl, _PARTIAL_WRITE)
+        # One SSL_write takes a whole message (the BIO is memory, it never
+        # blocks) instead of returning after every record.
+        _fast.SSL_clear_mode(self._tlsConnection._ssl, _fast.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     def _write(self, data) -> None:
         if self._lostTLSConnection:
@@ -96,15 +146,14 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        if _lib is None:  # pragma: no cover
-            return TLSMemoryBIOProtocol._flushSendBIO(self)
         scratch = _scratch_buffer()
         bio = self._tlsConnection._from_ssl
+        bio_read, buffer = _fast.BIO_read, _fast.ffi.buffer
         while True:
-            n = _lib.BIO_read(bio, scratch, SCRATCH)
+            n = bio_read(bio, scratch, SCRATCH)
             if n <= 0:
                 return
-            self._send(_ffi.buffer(scratch, n))
+            self._send(buffer(scratch, n))
             if n < SCRATCH:
                 return
 
@@ -127,31 +176,33 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
             transport.write(data[sent:])
 
     def _flushReceiveBIO(self) -> None:
-        if _lib is None:  # pragma: no cover
-            return TLSMemoryBIOProtocol._flushReceiveBIO(self)
         scratch = _scratch_buffer()
         ssl = self._tlsConnection._ssl
+        ssl_read, get_error, clear = _fast.SSL_read, _fast.SSL_get_error, _fast.ERR_clear_error
         got = 0
         while not self._lostTLSConnection:
             if got == SCRATCH:
                 self._deliver(got)
                 got = 0
-            n = _lib.SSL_read(ssl, scratch + got, SCRATCH - got)
+            # SSL_get_error is only right with an empty error queue before the call.
+            clear()
+            n = ssl_read(ssl, scratch + got, SCRATCH - got)
             if n > 0:
                 got += n
                 continue
-            if _lib.SSL_get_error(ssl, n) == _WANT_READ:
+            if get_error(ssl, n) == _fast.SSL_ERROR_WANT_READ:
                 break
             # The end of TLS (clean or not): deliver what came before it,
             # then let Twisted read the ending again and handle it as always.
             self._deliver(got)
+            clear()
             return TLSMemoryBIOProtocol._flushReceiveBIO(self)
         self._deliver(got)
         self._flushSendBIO()
 
     def _deliver(self, size: int) -> None:
         if size and not self._aborted:
-            ProtocolWrapper.dataReceived(self, _ffi.buffer(_scratch, size)[:])
+            ProtocolWrapper.dataReceived(self, _fast.ffi.buffer(_scratch, size)[:])
 
 
 def _read_in_large_pieces(transport) -> None:
@@ -184,7 +235,11 @@ def _read_in_large_pieces(transport) -> None:
 
 
 class TLSFactory(TLSMemoryBIOFactory):
-    protocol = LinkTLSProtocol
+    """Wraps links in TLS: the fast path when it resolved, else Twisted's plain one."""
+
+    @property
+    def protocol(self):
+        return LinkTLSProtocol if _fast is not None else TLSMemoryBIOProtocol
 
 
 @implementer(IStreamClientEndpoint)

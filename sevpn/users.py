@@ -14,13 +14,12 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 from typing import Dict, List, Optional
 
+from sevpn import defaults, wire
 from sevpn.files import ensure_dir, read_json, write_json
 
-DEFAULT_HUB = "DEFAULT"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_HUB = defaults.VIRTUAL_HUB
 
 # scrypt cost: ~50 ms and 16 MiB per check on this class of machine.
 SCRYPT_N = 1 << 14
@@ -33,7 +32,7 @@ class StateError(Exception):
 
 
 def check_name(kind: str, name: str) -> str:
-    if not _NAME_RE.match(name or ""):
+    if not wire.valid_name(name):
         raise StateError(
             f"{name!r} is not a valid {kind} name (letters, digits, '.', '_' and '-', up to 64 characters)"
         )
@@ -107,12 +106,12 @@ class HubState:
             names = os.listdir(os.path.join(self.state_dir, "hubs"))
         except FileNotFoundError:
             names = []
-        names = set(n for n in names if _NAME_RE.match(n))
+        names = set(n for n in names if wire.valid_name(n))
         names.add(DEFAULT_HUB)
         return sorted(names)
 
     def exists(self, hub: str) -> bool:
-        return hub == DEFAULT_HUB or (bool(_NAME_RE.match(hub)) and os.path.isdir(self._hub_dir(hub)))
+        return hub == DEFAULT_HUB or (wire.valid_name(hub) and os.path.isdir(self._hub_dir(hub)))
 
     def create_hub(self, hub: str) -> None:
         check_name("virtual hub", hub)
@@ -164,16 +163,18 @@ class HubState:
         write_json(self._users_path(hub), {"users": users})
 
     def authenticate(self, hub: str, user: str, password: bytes) -> Optional[str]:
-        """None if C{user} may join C{hub}; else the refusal's code."""
-        if not self.exists(hub):
+        """
+        None if C{user} may join C{hub}; else the refusal's code, which is
+        L{wire.Refusal.AUTH_FAILED} for an unknown virtual hub, an unknown
+        user, a disabled user and a wrong password alike, each after one
+        password check: a guesser learns nothing of which it was.
+        """
+        record = self.users(hub).get(user) if self.exists(hub) else None
+        stored = record.get("password", "") if isinstance(record, dict) else ""
+        if not stored:
             verify_password(password, _DUMMY_HASH)
-            return "unknown-hub"
-        record = self.users(hub).get(user)
-        if record is None:
-            verify_password(password, _DUMMY_HASH)
-            return "auth-failed"
-        if record.get("disabled"):
-            return "user-disabled"
-        if not verify_password(password, record.get("password", "")):
-            return "auth-failed"
+            return wire.Refusal.AUTH_FAILED
+        right = verify_password(password, stored)
+        if not right or record.get("disabled"):
+            return wire.Refusal.AUTH_FAILED
         return None

@@ -14,7 +14,10 @@ that ends the connection.
 
 Handshake messages (HELLO, WELCOME, REFUSED, GOODBYE) carry a UTF-8 JSON
 object, so later versions add keys without breaking older peers (unknown
-keys are ignored).  The data-path messages are fixed binary layouts:
+keys are ignored).  Each is a small class here (L{Hello}, L{Welcome},
+L{Refused}, L{Goodbye}) that validates itself when decoded, so no other
+module reads a handshake as a dict.  The data-path messages are fixed
+binary layouts:
 
     DATA    first_seq:u64 ack:u64 then frames, each  len:u32 frame[len]
     ACK     ack:u64
@@ -28,8 +31,10 @@ what session resumption uses to resend exactly what the peer lacks.
 from __future__ import annotations
 
 import json
+import re
 import struct
-from typing import List, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import FrozenSet, List, Optional, Sequence, Tuple, Union
 
 MAGIC = b"SEVPN"
 VERSION = 1
@@ -57,11 +62,6 @@ NAMES = {
 FEATURE_OFFLOAD = "vnet-hdr"
 
 
-def offers(handshake: dict, feature: str) -> bool:
-    """Whether a HELLO or WELCOME lists C{feature}."""
-    features = handshake.get("features")
-    return isinstance(features, list) and feature in features
-
 #: The largest body accepted.  A DATA message batches frames up to
 #: L{MAX_BATCH} bytes; a single frame may be a 64 KiB offload super-frame.
 MAX_BODY = 1 << 20
@@ -76,6 +76,8 @@ MAX_FRAME = 65536 + 64
 MIN_FRAME = 14
 #: The largest JSON handshake body.
 MAX_JSON = 16 * 1024
+#: The largest message accepted before the handshake is over: a hello.
+MAX_HELLO = MAX_JSON + 6
 
 _HEADER = struct.Struct("!IB")
 _U64 = struct.Struct("!Q")
@@ -98,17 +100,178 @@ def encode(kind: int, body: Buffer = b"") -> bytes:
     return _HEADER.pack(len(body), kind) + body
 
 
-def encode_json(kind: int, obj: dict) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    if kind == HELLO:
-        body = MAGIC + bytes([VERSION]) + body
-    return encode(kind, body)
+# -- names -------------------------------------------------------------------
+
+#: Virtual hub, user and account names: letters, digits, '.', '_' and '-',
+#: up to 64 characters, starting with a letter or digit.  Matched whole
+#: (C{\Z}: a trailing newline is not part of a name).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
-def decode_json(kind: int, body: Buffer) -> dict:
-    """Decode a handshake body; HELLO also carries the magic and version."""
-    body = bytes(body)
-    if kind == HELLO:
+def valid_name(name: object) -> bool:
+    """Whether C{name} is a usable virtual hub, user or account name."""
+    return isinstance(name, str) and NAME_PATTERN.match(name) is not None
+
+
+# -- handshake messages --------------------------------------------------------
+
+#: The largest password a hello may carry (characters).
+MAX_PASSWORD = 1024
+#: The most features a handshake may list.
+MAX_FEATURES = 32
+#: Longest free text (a refusal's or goodbye's reason) kept from the peer.
+MAX_REASON = 200
+#: The largest sequence number: frame numbers are u64.
+MAX_SEQ = (1 << 64) - 1
+
+
+class Refusal:
+    """
+    Why a hub turns a card away: the C{code} of a REFUSED message.
+
+    A card treats a refusal as final (it stops and says why) unless the
+    code is in L{RETRY_LATER}: then it is an outage, retried with backoff.
+    Codes a card does not know are final refusals, shown with the hub's
+    message.
+    """
+
+    #: Unknown user, wrong password, disabled user, unknown virtual hub,
+    #: revoked certificate: one answer for all, so a guesser learns nothing.
+    AUTH_FAILED = "auth-failed"
+    #: The hello is incomplete or malformed.
+    BAD_HELLO = "bad-hello"
+    #: The hub has reached its session limit.
+    HUB_FULL = "hub-full"
+    #: The user has reached their session limit.
+    TOO_MANY_SESSIONS = "too-many-sessions"
+    #: Too many failed logins from this address for this user.
+    THROTTLED = "throttled"
+
+    RETRY_LATER = frozenset({HUB_FULL, TOO_MANY_SESSIONS, THROTTLED})
+
+    MESSAGES = {
+        AUTH_FAILED: "the user name or password is wrong",
+        BAD_HELLO: "the hello message is incomplete",
+        HUB_FULL: "the hub has reached its session limit; try again later",
+        TOO_MANY_SESSIONS: "this user has reached its session limit; try again later",
+        THROTTLED: "too many failed logins; try again later",
+    }
+
+
+def _text(value: object, what: str, limit: int) -> str:
+    """A string field from the peer, encodable and bounded, or L{ProtocolError}."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} is not a string")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} is longer than {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{what} is not valid Unicode text")
+    return value
+
+
+def _count(value: object, what: str) -> int:
+    """A frame count from the peer: an integer (not a boolean) in u64 range."""
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise ProtocolError(f"{what} is not a frame count")
+    return value
+
+
+def _features(value: object) -> FrozenSet[str]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or len(value) > MAX_FEATURES:
+        raise ProtocolError("'features' is not a short list")
+    return frozenset(f for f in value if isinstance(f, str) and len(f) <= 64)
+
+
+def quote(text: object, limit: int = 64) -> str:
+    """
+    Untrusted text for a log line: printable, quoted, and cut, so a peer
+    can neither forge log lines nor flood the log.
+    """
+    text = str(text)
+    cut = len(text) > limit
+    text = repr(text[:limit])
+    return text + "..." if cut else text
+
+
+def _json_body(kind: int, body: Buffer) -> dict:
+    if len(body) > MAX_JSON:
+        raise ProtocolError(f"{NAMES[kind]} body of {len(body)} bytes is too large")
+    try:
+        obj = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError(f"{NAMES[kind]} body is not valid JSON")
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{NAMES[kind]} body is not a JSON object")
+    return obj
+
+
+def _encode_json(kind: int, obj: dict, prefix: bytes = b"") -> bytes:
+    return encode(kind, prefix + json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A card's request to take its held session back."""
+
+    session: str
+    token: str
+    #: The last frame the card received from the hub.
+    received: int
+
+    @classmethod
+    def from_json(cls, obj: object) -> "Resume":
+        if not isinstance(obj, dict):
+            raise ProtocolError("'resume' is not an object")
+        return cls(
+            _text(obj.get("session"), "'resume.session'", 64),
+            _text(obj.get("token"), "'resume.token'", 64),
+            _count(obj.get("received"), "'resume.received'"),
+        )
+
+    def to_json(self) -> dict:
+        return {"session": self.session, "token": self.token, "received": self.received}
+
+
+@dataclass(frozen=True)
+class Hello:
+    """
+    The card's first message: who it is, where it wants to go, what it
+    can do, and the session it wants back, if any.  A card that logs in
+    with a client certificate sends no password.
+    """
+
+    hub: str
+    user: str
+    password: Optional[str] = None
+    #: The card's own MAC, as text (informative: the switch learns MACs).
+    mac: Optional[str] = None
+    features: FrozenSet[str] = frozenset()
+    resume: Optional[Resume] = None
+
+    kind = HELLO
+
+    def encode(self) -> bytes:
+        obj: dict = {"hub": self.hub, "user": self.user, "features": sorted(self.features)}
+        if self.password is not None:
+            obj["password"] = self.password
+        if self.mac is not None:
+            obj["mac"] = self.mac
+        if self.resume is not None:
+            obj["resume"] = self.resume.to_json()
+        return _encode_json(HELLO, obj, MAGIC + bytes([VERSION]))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> "Hello":
+        """
+        Check the magic and version, then every field.  A body that is not
+        a hello at all is a L{ProtocolError}; a hello whose fields are
+        wrong is a L{BadHello} (the hub answers it with a refusal).
+        """
+        body = bytes(body)
         if body[: len(MAGIC)] != MAGIC:
             raise ProtocolError("the peer's hello does not start with the sevpn magic")
         version = body[len(MAGIC) : len(MAGIC) + 1]
@@ -117,16 +280,117 @@ def decode_json(kind: int, body: Buffer) -> dict:
                 f"the peer speaks protocol version {version[0] if version else '?'}, "
                 f"this hub speaks {VERSION}"
             )
-        body = body[len(MAGIC) + 1 :]
-    if len(body) > MAX_JSON:
-        raise ProtocolError(f"{NAMES[kind]} body of {len(body)} bytes is too large")
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(f"{NAMES[kind]} body is not valid JSON")
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"{NAMES[kind]} body is not a JSON object")
-    return obj
+        obj = _json_body(HELLO, body[len(MAGIC) + 1 :])
+        try:
+            hub, user = obj.get("hub"), obj.get("user")
+            if not valid_name(hub) or not valid_name(user):
+                raise ProtocolError("the hello's virtual hub or user name is not a valid name")
+            password = obj.get("password")
+            if password is not None:
+                password = _text(password, "'password'", MAX_PASSWORD)
+            mac = obj.get("mac")
+            if mac is not None:
+                mac = _text(mac, "'mac'", 17)
+            resume = obj.get("resume")
+            return cls(
+                hub, user, password, mac, _features(obj.get("features")),
+                Resume.from_json(resume) if resume is not None else None,
+            )
+        except ProtocolError as e:
+            raise BadHello(str(e))
+
+
+class BadHello(ProtocolError):
+    """A well-framed hello with fields that are missing or wrong."""
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The hub's yes: the session, its resume token, and what was agreed."""
+
+    session: str
+    token: str
+    resumed: bool
+    #: The last frame the hub received from the card (for resending).
+    received: int
+    hub: str
+    resume_window: float
+    features: FrozenSet[str] = frozenset()
+
+    kind = WELCOME
+
+    def encode(self) -> bytes:
+        return _encode_json(WELCOME, {
+            "session": self.session, "token": self.token, "resumed": self.resumed,
+            "received": self.received, "hub": self.hub, "resume_window": self.resume_window,
+            "features": sorted(self.features),
+        })
+
+    @classmethod
+    def decode(cls, body: Buffer) -> "Welcome":
+        obj = _json_body(WELCOME, body)
+        resumed = obj.get("resumed")
+        window = obj.get("resume_window", 0)
+        if type(resumed) is not bool:
+            raise ProtocolError("the hub's welcome does not say whether the session was resumed")
+        if type(window) not in (int, float) or not 0 <= window <= 86400:
+            raise ProtocolError("the hub's welcome has no valid resume window")
+        return cls(
+            _text(obj.get("session"), "the welcome's session id", 64),
+            _text(obj.get("token"), "the welcome's token", 64),
+            resumed,
+            _count(obj.get("received"), "the welcome's 'received' count"),
+            _text(obj.get("hub"), "the welcome's virtual hub", 64),
+            float(window),
+            _features(obj.get("features")),
+        )
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The hub's no; L{Refusal} has the codes."""
+
+    code: str
+    message: str
+
+    kind = REFUSED
+
+    @classmethod
+    def of(cls, code: str) -> "Refused":
+        return cls(code, Refusal.MESSAGES[code])
+
+    @property
+    def retry_later(self) -> bool:
+        return self.code in Refusal.RETRY_LATER
+
+    def encode(self) -> bytes:
+        return _encode_json(REFUSED, {"code": self.code, "message": self.message})
+
+    @classmethod
+    def decode(cls, body: Buffer) -> "Refused":
+        obj = _json_body(REFUSED, body)
+        code = obj.get("code")
+        message = obj.get("message")
+        code = code if isinstance(code, str) else ""
+        message = message if isinstance(message, str) and message else Refusal.MESSAGES.get(code, "refused")
+        return cls(code[:64], message[:MAX_REASON])
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """A clean end: the sender holds no resume for this session."""
+
+    reason: str
+
+    kind = GOODBYE
+
+    def encode(self) -> bytes:
+        return _encode_json(GOODBYE, {"reason": self.reason})
+
+    @classmethod
+    def decode(cls, body: Buffer) -> "Goodbye":
+        reason = _json_body(GOODBYE, body).get("reason")
+        return cls(reason[:MAX_REASON] if isinstance(reason, str) else "")
 
 
 def encode_frames(frames: Sequence[Buffer]) -> bytes:
@@ -173,8 +437,10 @@ def decode_data(body: memoryview) -> Tuple[int, int, List[memoryview]]:
         raise ProtocolError("DATA message shorter than its header")
     first_seq, ack = _DATA.unpack_from(body)
     frames = iter_frames(body[_DATA.size :])
-    if first_seq == 0 and frames:
-        raise ProtocolError("DATA message with sequence number 0")
+    if frames and (first_seq == 0 or first_seq + len(frames) - 1 > MAX_SEQ):
+        raise ProtocolError(
+            f"DATA message numbers its {len(frames)} frames from {first_seq}, outside 1..2^64-1"
+        )
     return first_seq, ack, frames
 
 
@@ -204,12 +470,15 @@ class Decoder:
 
     L{feed} returns the complete messages as ``(type, body)`` pairs whose
     bodies are memoryviews into an internal buffer; they stay valid until
-    the next call to L{feed}.  Buffering is bounded by L{MAX_BODY}.
+    the next call to L{feed}.  Buffering is bounded by C{max_body}: a link
+    starts at L{MAX_HELLO} (nobody may make the hub buffer a megabyte
+    before logging in) and raises it to L{MAX_BODY} once the peer is known.
     """
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
         self._buffer = bytearray()
-        self._max_body = max_body
+        #: The largest body accepted now.
+        self.max_body = max_body
 
     def pending(self) -> int:
         """Bytes received but not yet part of a complete message."""
@@ -227,7 +496,7 @@ class Decoder:
         pos = 0
         end = len(source)
         unpack = _HEADER.unpack_from
-        max_body = self._max_body
+        max_body = self.max_body
         while end - pos >= HEADER_SIZE:
             length, kind = unpack(source, pos)
             if kind not in NAMES:

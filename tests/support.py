@@ -23,6 +23,7 @@ from sevpn.accounts import Account
 from sevpn.card import Card
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
+from sevpn.port import Port
 from sevpn.timing import Keepalive
 from sevpn.users import HubState
 
@@ -36,6 +37,11 @@ def mac(n: int) -> bytes:
 
 
 BROADCAST = b"\xff" * 6
+
+
+def payloads(tap, dst=None):
+    """The payloads a TAP received (the test frames number themselves)."""
+    return [f[14:] for f in tap.written if dst is None or f[:6] == dst]
 
 
 class MemoryTransport:
@@ -165,30 +171,29 @@ class MemoryNetwork:
         self.up = True
 
 
-class FakeTap:
-    """The card's TAP, as the card sees it."""
+class FakeTap(Port):
+    """The card's TAP, as the card sees it: a port that records what the card writes."""
 
     name = "tap-test"
 
-    def __init__(self, offload: bool = False) -> None:
+    def __init__(self, clock, offload: bool = False) -> None:
+        super().__init__("tap-test", clock, mac_offset=10 if offload else 0)
         self.offload = offload
         self.written: List[bytes] = []
         self.carrier = False
-        self.reading = False
         self.carrier_changes: List[bool] = []
 
-    def write_frames(self, frames) -> None:
+    def transmit(self, frames) -> None:
         self.written.extend(bytes(f) for f in frames)
 
     def set_carrier(self, on: bool) -> None:
         self.carrier = on
         self.carrier_changes.append(on)
 
-    def start_reading(self) -> None:
-        self.reading = True
-
-    def stop_reading(self) -> None:
-        self.reading = False
+    def os_sends(self, frames) -> None:
+        """The OS sends C{frames} through the card, as one read of the TAP."""
+        self.sink.forward(self, frames)
+        self.sink.flush(self)
 
 
 class Lab:
@@ -226,7 +231,7 @@ class Lab:
             self.user(user, hub=hub)
             self._users.add((user, hub))
         card = Card(
-            self.clock, FakeTap(kw.pop("offload", False)), mac(n), lambda account: self.network,
+            self.clock, FakeTap(self.clock, kw.pop("offload", False)), mac(n), lambda account: self.network,
             keepalive=self.keepalive, resume_window=kw.pop("resume_window", self.resume_window),
             buffer_limit=self.buffer_limit, **kw,
         )

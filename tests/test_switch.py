@@ -1,130 +1,233 @@
-"""The virtual hub's MAC-learning switch."""
+"""The virtual hub's MAC-learning switch, and what a hostile port cannot do to it."""
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from sevpn.port import Port
 from sevpn.switch import VirtualHub
 from tests.support import BROADCAST, frame, mac
 
 
-class Port:
-    mac_offset = 0
-
-    def __init__(self, name):
-        self.name = name
+class Recorder(Port):
+    def __init__(self, name, clock, **kw):
+        super().__init__(name, clock, **kw)
         self.got = []
 
-    def enqueue(self, f, offset):
-        self.got.append(bytes(f))
-
-    def __repr__(self):
-        return self.name
+    def transmit(self, frames):
+        self.got.extend(bytes(f) for f in frames)
 
 
-class Switching(SynchronousTestCase):
+class SwitchCase(SynchronousTestCase):
+    ports = ("a", "b", "c")
+
     def setUp(self):
-        self.hub = VirtualHub("DEFAULT", max_age=300)
-        self.a, self.b, self.c = Port("a"), Port("b"), Port("c")
-        for p in (self.a, self.b, self.c):
-            self.hub.add_port(p)
+        self.clock = Clock()
+        self.hub = self.make("DEFAULT")
+        for name in self.ports:
+            port = Recorder(name, self.clock)
+            setattr(self, name, port)
+            self.hub.add_port(port)
 
+    def make(self, name, **kw):
+        return VirtualHub(name, self.clock.seconds, **kw)
+
+    def send(self, port, frames, hub=None):
+        hub = hub or self.hub
+        hub.forward(port, frames)
+        hub.flush(port)
+
+
+class Switching(SwitchCase):
     def test_unknown_unicast_floods_but_not_back(self):
         f = frame(mac(2), mac(1))
-        self.hub.forward(self.a, [f], 0)
+        self.send(self.a, [f])
         self.assertEqual((self.a.got, self.b.got, self.c.got), ([], [f], [f]))
 
     def test_learned_unicast_goes_to_one_port(self):
-        self.hub.forward(self.b, [frame(BROADCAST, mac(2))], 0)
+        self.send(self.b, [frame(BROADCAST, mac(2))])
         f = frame(mac(2), mac(1))
-        self.hub.forward(self.a, [f], 1)
+        self.send(self.a, [f])
         self.assertEqual(self.b.got[-1], f)
         self.assertEqual(self.c.got, [frame(BROADCAST, mac(2))])
-        self.assertEqual(self.hub.lookup(mac(1), 1), self.a)
+        self.assertIs(self.hub.lookup(mac(1)), self.a)
+        self.assertEqual(self.a.macs, {mac(1)})
 
     def test_broadcast_and_multicast_flood(self):
-        self.hub.forward(self.b, [frame(BROADCAST, mac(2))], 0)
-        self.hub.forward(self.c, [frame(mac(2), mac(3))], 0)  # b is known
+        self.send(self.b, [frame(BROADCAST, mac(2))])
+        self.send(self.c, [frame(mac(2), mac(3))])  # b is known
         m = frame(b"\x01\x00\x5e\x00\x00\x01", mac(2))
         bc = frame(BROADCAST, mac(2))
-        self.hub.forward(self.b, [m, bc], 1)
+        self.send(self.b, [m, bc])
         self.assertEqual(self.a.got, [bc, m, bc])
         self.assertEqual(self.c.got, [bc, m, bc])
         self.assertNotIn(m, self.b.got)
 
+    def test_one_delivery_per_destination_per_flush(self):
+        calls = []
+        original = self.b.deliver
+        self.b.deliver = lambda frames, offset, source: (calls.append(len(frames)), original(frames, offset, source))
+        self.hub.forward(self.a, [frame(BROADCAST, mac(1), bytes([i]) * 40) for i in range(5)])
+        self.hub.forward(self.a, [frame(BROADCAST, mac(1), b"more")])
+        self.assertEqual(calls, [])
+        self.hub.flush(self.a)
+        self.assertEqual(calls, [6])
+
     def test_frame_to_own_port_is_filtered(self):
-        self.hub.forward(self.a, [frame(BROADCAST, mac(1))], 0)
-        self.hub.forward(self.a, [frame(mac(1), mac(9))], 0)
+        self.send(self.a, [frame(BROADCAST, mac(1))])
+        self.send(self.a, [frame(mac(1), mac(9))])
         self.assertEqual(self.a.got, [])
         self.assertEqual(self.hub.filtered, 1)
 
     def test_aging(self):
-        self.hub.forward(self.b, [frame(BROADCAST, mac(2))], 0)
+        self.send(self.b, [frame(BROADCAST, mac(2))])
         f = frame(mac(2), mac(1))
-        self.hub.forward(self.a, [f], 299)
+        self.clock.advance(299)
+        self.send(self.a, [f])
         self.assertNotIn(f, self.c.got)
         # b has been silent for more than 300 s: flooded again
-        self.hub.forward(self.a, [f], 601)
+        self.clock.advance(302)
+        self.send(self.a, [f])
         self.assertIn(f, self.c.got)
-        self.assertEqual(self.hub.expire(1000), 1)  # a's entry, seen at 601, stays until 901
-        self.assertIsNone(self.hub.lookup(mac(1), 1000))
+        self.clock.advance(399)
+        self.assertEqual(self.hub.expire(), 1)  # a's entry, seen at 601, stays until 901
+        self.assertIsNone(self.hub.lookup(mac(1)))
+        self.assertEqual(self.a.macs, set())
 
     def test_removed_port_forgets_its_macs(self):
-        self.hub.forward(self.b, [frame(BROADCAST, mac(2))], 0)
+        self.send(self.b, [frame(BROADCAST, mac(2))])
         self.hub.remove_port(self.b)
-        self.hub.forward(self.a, [frame(mac(2), mac(1))], 1)
+        self.send(self.a, [frame(mac(2), mac(1))])
         self.assertEqual(self.c.got[-1], frame(mac(2), mac(1)))
-        self.assertIsNone(self.hub.lookup(mac(2), 1))
+        self.assertIsNone(self.hub.lookup(mac(2)))
 
     def test_multicast_source_not_learned(self):
-        self.hub.forward(self.a, [frame(BROADCAST, b"\x01" * 6)], 0)
+        self.send(self.a, [frame(BROADCAST, b"\x01" * 6)])
         self.assertEqual(self.hub.table, {})
 
-    def test_table_is_bounded(self):
-        hub = VirtualHub("small", max_entries=4)
-        a, b = Port("a"), Port("b")
-        hub.add_port(a)
-        hub.add_port(b)
-        hub.forward(a, [frame(BROADCAST, mac(i)) for i in range(1, 10)], 0)
+
+class HostilePorts(SwitchCase):
+    """A port whose user lies cannot take the switch over."""
+
+    def test_a_port_cannot_steal_a_live_ports_mac(self):
+        self.send(self.b, [frame(BROADCAST, mac(2), b"b here")])
+        self.send(self.a, [frame(BROADCAST, mac(2), b"a pretends to be b")])
+        self.assertEqual(self.c.got, [frame(BROADCAST, mac(2), b"b here")])  # the lie is dropped
+        self.send(self.c, [frame(mac(2), mac(3), b"for b")])
+        self.assertEqual(self.b.got[-1], frame(mac(2), mac(3), b"for b"))
+        self.assertEqual(self.a.got, [frame(BROADCAST, mac(2), b"b here")])
+        self.assertEqual(self.hub.mac_conflicts, 1)
+        [conflict] = self.hub.describe_conflicts()
+        self.assertEqual(conflict["ports"], ["a", "b"])
+
+    def test_conflicts_are_reported_once_per_pair(self):
+        seen = []
+        hub = self.make("x", on_conflict=lambda h, c: seen.append(c))
+        for port in (self.a, self.b):
+            hub.add_port(port)
+        self.send(self.a, [frame(BROADCAST, mac(7))], hub)
+        for _ in range(3):
+            self.send(self.b, [frame(BROADCAST, mac(7))], hub)
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(hub.mac_conflicts, 3)
+
+    def test_a_mac_moves_once_its_owner_is_gone_or_silent(self):
+        self.send(self.b, [frame(BROADCAST, mac(2))])
+        self.clock.advance(301)  # b went silent past the MAC age
+        self.send(self.a, [frame(BROADCAST, mac(2), b"moved")])
+        self.assertIs(self.hub.lookup(mac(2)), self.a)
+        self.hub.remove_port(self.a)
+        self.send(self.c, [frame(BROADCAST, mac(2), b"c now")])
+        self.assertIs(self.hub.lookup(mac(2)), self.c)
+
+    def test_allow_moves_follows_the_latest_sender(self):
+        hub = self.make("x", allow_moves=True)
+        for port in (self.a, self.b):
+            hub.add_port(port)
+        self.send(self.a, [frame(BROADCAST, mac(7))], hub)
+        self.send(self.b, [frame(BROADCAST, mac(7))], hub)
+        self.assertIs(hub.lookup(mac(7)), self.b)
+        self.assertEqual(self.a.macs, set())
+
+    def test_mac_limit_per_port(self):
+        hub = self.make("x", max_macs_per_port=4)
+        for port in (self.a, self.b):
+            hub.add_port(port)
+        self.send(self.a, [frame(BROADCAST, mac(i), b"%d" % i) for i in range(1, 10)], hub)
+        self.assertEqual(len(self.a.macs), 4)
+        self.assertEqual(hub.mac_limit_drops, 5)
+        self.assertEqual(len(self.b.got), 4)  # frames from unlearnable MACs are dropped
+        self.send(self.b, [frame(BROADCAST, mac(20))], hub)
+        self.assertIs(hub.lookup(mac(20)), self.b)  # others still learn
+
+    def test_a_ports_own_limit_wins(self):
+        hub = self.make("x", max_macs_per_port=2)
+        bridge = Recorder("bridge", self.clock, max_macs=100)
+        hub.add_port(bridge)
+        hub.add_port(self.a)
+        self.send(bridge, [frame(BROADCAST, mac(i)) for i in range(1, 50)], hub)
+        self.assertEqual(len(bridge.macs), 49)
+
+    def test_full_table_refuses_without_a_scan(self):
+        hub = self.make("small", max_entries=4, max_macs_per_port=100)
+        for port in (self.a, self.b):
+            hub.add_port(port)
+        self.send(self.a, [frame(BROADCAST, mac(i)) for i in range(1, 10)], hub)
         self.assertEqual(len(hub.table), 4)
         self.assertEqual(hub.not_learned, 5)
-        self.assertEqual(len(b.got), 9)  # still switched: flooded
+        self.assertEqual(len(self.b.got), 9)  # still switched: flooded
+        # a new MAC in a full table does not walk the table
+        scans = []
+        hub.table = _CountingDict(hub.table, scans)
+        self.send(self.b, [frame(BROADCAST, mac(30))], hub)
+        self.assertEqual(scans, [])
 
-    def test_duplicate_mac_is_reported(self):
-        seen = []
-        hub = VirtualHub("dup", on_duplicate=lambda h, d: seen.append(d))
-        a, b = Port("a"), Port("b")
-        hub.add_port(a)
-        hub.add_port(b)
-        hub.forward(a, [frame(BROADCAST, mac(7))], 0)
-        hub.forward(b, [frame(BROADCAST, mac(7))], 1)
-        hub.forward(a, [frame(BROADCAST, mac(7))], 2)
-        self.assertEqual(len(seen), 1)  # logged once per pair
-        [dup] = hub.describe_duplicates(name_of=repr)
-        self.assertEqual(dup["sessions"], ["a", "b"])
-        self.assertEqual(dup["moves"], 2)
-        self.assertEqual(hub.lookup(mac(7), 2), a)  # the latest sender wins
+    def test_one_failing_destination_does_not_stop_the_others(self):
+        class Broken(Recorder):
+            def transmit(self, frames):
+                raise RuntimeError("broken port")
+
+        hub = self.make("x")
+        broken = Broken("broken", self.clock)
+        for port in (self.a, broken, self.b, self.c):
+            hub.add_port(port)
+        self.send(self.a, [frame(BROADCAST, mac(1), b"to all")], hub)
+        self.assertEqual(self.b.got, [frame(BROADCAST, mac(1), b"to all")])
+        self.assertEqual(self.c.got, [frame(BROADCAST, mac(1), b"to all")])
+        self.assertEqual(hub.port_failures, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
-class Runts(SynchronousTestCase):
+class _CountingDict(dict):
+    def __init__(self, data, scans):
+        super().__init__(data)
+        self._scans = scans
+
+    def items(self):
+        self._scans.append("items")
+        return super().items()
+
+    def values(self):
+        self._scans.append("values")
+        return super().values()
+
+
+class Runts(SwitchCase):
     def test_frames_shorter_than_their_header_are_dropped(self):
-        hub = VirtualHub("x")
-        a, b = Port("a"), Port("b")
-        a.mac_offset = 10
-        hub.add_port(a)
-        hub.add_port(b)
-        hub.forward(a, [b"\0" * 20, b"\0" * 10 + frame(BROADCAST, mac(1))], 0)
-        self.assertEqual(hub.runts, 1)
-        self.assertEqual(len(b.got), 1)
-        self.assertEqual(hub.lookup(mac(1), 0), a)  # the MAC is read after the header
+        a = Recorder("a10", self.clock, mac_offset=10)
+        self.hub.add_port(a)
+        self.send(a, [b"\0" * 20, b"\0" * 10 + frame(BROADCAST, mac(1))])
+        self.assertEqual(self.hub.runts, 1)
+        self.assertEqual(len(self.b.got), 1)
+        self.assertEqual(self.b.got[0], frame(BROADCAST, mac(1)))  # converted for a plain port
+        self.assertIs(self.hub.lookup(mac(1)), a)  # the MAC is read after the header
 
 
-class Isolation(SynchronousTestCase):
+class Isolation(SwitchCase):
     def test_virtual_hubs_share_nothing(self):
-        one, two = VirtualHub("one"), VirtualHub("two")
-        a, b, x = Port("a"), Port("b"), Port("x")
-        one.add_port(a)
-        one.add_port(b)
+        two = self.make("two")
+        x = Recorder("x", self.clock)
         two.add_port(x)
-        one.forward(a, [frame(BROADCAST, mac(1)), frame(mac(9), mac(1))], 0)
+        self.send(self.a, [frame(BROADCAST, mac(1)), frame(mac(9), mac(1))])
         self.assertEqual(x.got, [])
-        self.assertEqual(len(b.got), 2)
-        self.assertIsNone(two.lookup(mac(1), 0))
+        self.assertEqual(len(self.b.got), 2)
+        self.assertIsNone(two.lookup(mac(1)))

@@ -153,7 +153,7 @@ class Core(SystemTestCase):
         self.assertIn("user name or password is wrong", status["last_error"])
         self.assertEqual(topo.carrier(4), "0")
         self.assertIn("refused user u4", topo.log("card4"))
-        self.assertIn("refused u4", topo.log("hub"))
+        self.assertIn("refused 'u4'", topo.log("hub"))
         self.assertNotIn("u4", [s["user"] for s in topo.hub_sessions()])
 
     def test_unverifiable_hub_is_refused(self):

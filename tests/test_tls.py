@@ -43,7 +43,7 @@ class RealTLS(TestCase):
         self.cards = []
 
     def card(self, ca_file=None, server_name=None):
-        card = Card(reactor, FakeTap(), mac(1), tls_endpoint_for(reactor))
+        card = Card(reactor, FakeTap(reactor), mac(1), tls_endpoint_for(reactor))
         account = Account(name="t", hub=f"127.0.0.1:{self.port}", user="alice", password="pw",
                           ca_file=ca_file or os.path.join(self.dir, "ca.pem"), server_name=server_name)
         card.connect(account)
@@ -153,3 +153,48 @@ class LinkTLSStream(TestCase):
             self.assertTrue(got == sent, "the bytes that arrived differ from what was sent")
 
     test_bytes_cross_intact_both_ways.timeout = 30
+
+
+class PlainTLS:
+    """Runs a test case's tests through Twisted's plain TLS: the fenced fast path's fallback."""
+
+    def setUp(self):
+        from sevpn import tls
+
+        self.assertTrue(tls.fast_path(), "the fast path should resolve with the pinned versions")
+        self.patch(tls, "_fast", None)
+        self.assertFalse(tls.fast_path())
+        return super().setUp()
+
+
+class RealTLSPlainPath(PlainTLS, RealTLS):
+    pass
+
+
+class LinkTLSStreamPlainPath(PlainTLS, LinkTLSStream):
+    pass
+
+
+class Fence(TestCase):
+    def test_a_missing_private_piece_turns_the_fast_path_off(self):
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        from sevpn import tls
+
+        self.patch(TLSMemoryBIOProtocol, "_flushSendBIO", None)
+        del TLSMemoryBIOProtocol._flushSendBIO
+        fast, why = tls._resolve()
+        self.assertIsNone(fast)
+        self.assertIn("_flushSendBIO", why)
+
+    def test_the_plain_factory_builds_plain_tls(self):
+        from twisted.internet.protocol import Factory
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        from sevpn import tls
+
+        factory = tls.TLSFactory(CertificateOptions(), True, Factory.forProtocol(Protocol))
+        self.assertIs(type(factory.buildProtocol(None)), tls.LinkTLSProtocol)
+        self.patch(tls, "_fast", None)
+        self.assertIs(type(factory.buildProtocol(None)), TLSMemoryBIOProtocol)

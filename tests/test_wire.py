@@ -1,5 +1,6 @@
 """The wire codec: round trips, and every kind of bad input refused."""
 
+import json
 import struct
 
 from hypothesis import given, settings, strategies as st
@@ -43,12 +44,25 @@ class RoundTrip(SynchronousTestCase):
         self.assertEqual(wire.decode_ack(got[-2][1]), 7)
         self.assertEqual(wire.decode_ack(got[-1][1]), 9)
 
-    def test_json(self):
-        for kind in (wire.HELLO, wire.WELCOME, wire.REFUSED, wire.GOODBYE):
-            obj = {"hub": "DEFAULT", "n": 3, "nested": {"a": [1, 2]}}
-            [(k, body)] = wire.Decoder().feed(wire.encode_json(kind, obj))
-            self.assertEqual(k, kind)
-            self.assertEqual(wire.decode_json(k, body), obj)
+    def test_handshake_messages(self):
+        messages = [
+            wire.Hello("DEFAULT", "alice", "pw", "02:00:00:00:00:01", frozenset([wire.FEATURE_OFFLOAD]),
+                       wire.Resume("ab12", "dG9rZW4=", 7)),
+            wire.Hello("LAB", "bob"),
+            wire.Welcome("ab12", "dG9rZW4=", True, 3, "DEFAULT", 60.0, frozenset([wire.FEATURE_OFFLOAD])),
+            wire.Refused.of(wire.Refusal.THROTTLED),
+            wire.Goodbye("the hub is shutting down"),
+        ]
+        for message in messages:
+            [(kind, body)] = wire.Decoder().feed(message.encode())
+            self.assertEqual(kind, message.kind)
+            self.assertEqual(type(message).decode(body), message)
+
+    def test_refusals_retry_later(self):
+        self.assertTrue(wire.Refused.of(wire.Refusal.THROTTLED).retry_later)
+        self.assertTrue(wire.Refused.of(wire.Refusal.HUB_FULL).retry_later)
+        self.assertFalse(wire.Refused.of(wire.Refusal.AUTH_FAILED).retry_later)
+        self.assertFalse(wire.Refused("from-the-future", "no").retry_later)
 
     def test_null_size(self):
         """A keepalive is about 50 bytes on the wire (seed fact 7)."""
@@ -68,8 +82,14 @@ def decode_all(data: bytes) -> None:
             wire.decode_data(body)
         elif kind in (wire.ACK, wire.NULL):
             wire.decode_ack(body)
+        elif kind == wire.HELLO:
+            wire.Hello.decode(body)
+        elif kind == wire.WELCOME:
+            wire.Welcome.decode(body)
+        elif kind == wire.REFUSED:
+            wire.Refused.decode(body)
         else:
-            wire.decode_json(kind, body)
+            wire.Goodbye.decode(body)
 
 
 class BadInput(SynchronousTestCase):
@@ -111,8 +131,52 @@ class BadInput(SynchronousTestCase):
         self.assertRefused(wire.encode(wire.DATA, b"\0" * 5), "shorter than its header")
         self.assertRefused(wire.encode(wire.ACK, b"\0" * 3), "shorter than its 8-byte ack")
 
-    def test_sequence_zero(self):
-        self.assertRefused(wire.encode_data(0, 0, wire.encode_frames([b"x" * 20])), "sequence number 0")
+    def test_sequence_numbers_out_of_range(self):
+        one = wire.encode_frames([b"x" * 20])
+        self.assertRefused(wire.encode_data(0, 0, one), "outside 1..2^64-1")
+        self.assertRefused(wire.encode_data(2**64 - 1, 0, one * 2), "outside 1..2^64-1")
+        [(_, body)] = wire.Decoder().feed(wire.encode_data(2**64 - 1, 0, one))
+        self.assertEqual(wire.decode_data(body)[0], 2**64 - 1)  # the last number there is
+
+    def test_hello_fields(self):
+        def hello(**fields):
+            obj = {"hub": "DEFAULT", "user": "alice", "password": "pw"}
+            obj.update(fields)
+            return wire.MAGIC + b"\x01" + json.dumps(obj).encode()
+
+        wire.Hello.decode(hello())
+        for bad, fragment in [
+            (dict(hub="DEFAULT\n"), "not a valid name"),
+            (dict(user="a" * 65), "not a valid name"),
+            (dict(user=None), "not a valid name"),
+            (dict(password=7), "'password' is not a string"),
+            (dict(password="\ud800"), "not valid Unicode"),
+            (dict(password="x" * 2000), "longer than"),
+            (dict(resume={"session": "a", "token": "b", "received": True}), "not a frame count"),
+            (dict(resume={"session": "a", "token": "b", "received": -1}), "not a frame count"),
+            (dict(resume={"session": "a", "token": "b", "received": 2**64}), "not a frame count"),
+            (dict(resume=[]), "not an object"),
+            (dict(features="vnet-hdr"), "features"),
+        ]:
+            e = self.assertRaises(wire.BadHello, wire.Hello.decode, hello(**bad))
+            self.assertIn(fragment, str(e), bad)
+
+    def test_deeply_nested_json(self):
+        body = wire.MAGIC + b"\x01" + b"[" * 5000 + b"]" * 5000
+        self.assertRefused(wire.encode(wire.HELLO, body), "not valid JSON")
+
+    def test_welcome_fields(self):
+        good = {"session": "s", "token": "t", "resumed": False, "received": 0, "hub": "DEFAULT", "resume_window": 60}
+        wire.Welcome.decode(json.dumps(good).encode())
+        for key, value in [("resumed", 1), ("received", True), ("received", -1), ("resume_window", "60"),
+                           ("session", None)]:
+            bad = dict(good, **{key: value})
+            self.assertRaises(wire.ProtocolError, wire.Welcome.decode, json.dumps(bad).encode())
+
+    def test_hello_sized_limit_before_login(self):
+        decoder = wire.Decoder(wire.MAX_HELLO)
+        e = self.assertRaises(wire.ProtocolError, decoder.feed, struct.pack("!IB", 1 << 20, wire.HELLO))
+        self.assertIn("exceeds", str(e))
 
     @given(st.binary(max_size=300))
     @settings(max_examples=300, deadline=None)

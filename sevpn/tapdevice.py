@@ -1,14 +1,15 @@
 """
-The card's TAP device: what the OS sees as a network card.
+A TAP device as a switch port: what the OS sees as a network card.
 
-L{TapDevice} opens a TAP with python-pytun (IFF_TAP|IFF_NO_PI, made
-non-blocking), gives it the card's MAC, and sets its carrier with
-TUNSETCARRIER, which pytun does not wrap: no carrier is what the OS shows
-for "network cable unplugged" (seed fact 4).
+L{TapPort} opens a TAP with python-pytun (IFF_TAP|IFF_NO_PI, made
+non-blocking), gives it a MAC, and sets its carrier with TUNSETCARRIER,
+which pytun does not wrap: no carrier is what the OS shows for "network
+cable unplugged".  A card has one (its own side); a hub may have some
+(bridge ports an operator puts into a Linux bridge).
 
 As a reactor reader it reads the TAP until EAGAIN (within a budget, like
-L{twisted.pair.tuntap.TuntapPort}) and hands each wakeup's frames over in
-one batch, so they cross the link in one message.  No threads.
+L{twisted.pair.tuntap.TuntapPort}) and hands each wakeup's frames to its
+sink in one batch, so they cross the link in one message.  No threads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import errno
 import fcntl
 import os
 import struct
-from typing import Callable, List
+from typing import List
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
@@ -25,6 +26,7 @@ from zope.interface import implementer
 
 from sevpn import offload as vnet
 from sevpn import wire
+from sevpn.port import Port
 
 TUNSETCARRIER = 0x400454E2
 TUNSETOFFLOAD = 0x400454D0
@@ -40,13 +42,21 @@ class TapError(Exception):
 
 
 @implementer(IReadDescriptor)
-class TapDevice:
+class TapPort(Port):
+    """
+    A TAP device as a port.  With C{backpressure} a full destination stops
+    its reading (the kernel queues, then drops); without it, the card's
+    choice, reading goes on and a full destination drops at once, so the
+    OS's TCP backs off without a standing queue.
+    """
+
     log = Logger()
 
-    def __init__(
-        self, name: str, mac: bytes, reactor, on_frames: Callable[[List[bytes]], None], offload: bool = True
-    ) -> None:
+    def __init__(self, name: str, mac: bytes, reactor, offload: bool = True, backpressure: bool = False) -> None:
         import pytun
+
+        super().__init__(name, reactor, mac_offset=vnet.HEADER_SIZE if offload else 0)
+        self.backpressure = backpressure
 
         flags = pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
         try:
@@ -66,11 +76,9 @@ class TapDevice:
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", vnet.HEADER_SIZE))
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         self.reactor = reactor
-        self.on_frames = on_frames
         self.reading = False
         self.carrier = False
         self.write_drops = 0
-        self.bad_frames = 0
         self.set_carrier(False)
         self.device.hwaddr = mac
         self.device.up()
@@ -114,11 +122,24 @@ class TapDevice:
             frames.append(frame)
             size += len(frame)
             if size >= wire.MAX_BATCH:
-                self.on_frames(frames)
+                self._hand_over(frames)
                 frames = []
                 size = 0
         if frames:
-            self.on_frames(frames)
+            self._hand_over(frames)
+
+    def _hand_over(self, frames: List[bytes]) -> None:
+        sink = self.sink
+        sink.forward(self, frames)
+        sink.flush(self)
+
+    def pause_input(self) -> None:
+        if self.backpressure:
+            self.stop_reading()
+
+    def resume_input(self) -> None:
+        if self.backpressure:
+            self.start_reading()
 
     def connectionLost(self, reason) -> None:
         self.reading = False
@@ -128,7 +149,7 @@ class TapDevice:
 
     # writing ---------------------------------------------------------------
 
-    def write_frames(self, frames) -> None:
+    def transmit(self, frames) -> None:
         """Write frames to the OS; an offload header must pass L{vnet.valid}."""
         write, fd = os.write, self.fd
         valid = vnet.valid if self.offload else None
@@ -143,7 +164,13 @@ class TapDevice:
                     raise
                 self.write_drops += 1
 
+    def counters(self) -> dict:
+        info = super().counters()
+        info["tap_write_drops"] = self.write_drops
+        return info
+
     def close(self) -> None:
+        super().close()
         self.stop_reading()
         if self.fd >= 0:
             try:

@@ -1,0 +1,31 @@
+"""
+Defaults, defined once: what a hub or a card does when nobody says
+otherwise.  Options, services, the C{sevpn} command and the docs take
+them from here.
+"""
+
+#: Where a hub keeps its CA, certificates, virtual hubs and users.
+HUB_STATE_DIR = "/var/lib/sevpn/hub"
+#: Where a card keeps its MAC and accounts.
+CARD_STATE_DIR = "/var/lib/sevpn/nic"
+#: The hub's TCP port, and the port a card dials when an address has none.
+PORT = 5555
+#: What a hub listens on.
+LISTEN = ("tcp:5555",)
+#: The TAP device a card creates.
+TAP_NAME = "sevpn0"
+#: How long a session whose link broke without a goodbye is kept, on both
+#: ends (SoftEther's "about 60 seconds").
+RESUME_WINDOW = 60.0
+#: A card must finish its hello, and the hub must answer it, within this.
+HANDSHAKE_TIMEOUT = 15.0
+#: At most this many sessions per hub process.
+MAX_SESSIONS = 4096
+#: Seconds before an unused MAC table entry is forgotten.
+MAC_AGE = 300.0
+#: Bytes of frames held per session and direction for resumption.  During
+#: an outage the TCP flows inside the tunnel stop at their window (a few
+#: MiB each), so this holds a 60-second outage of a busy card.
+RESUME_BUFFER = 64 * 1024 * 1024
+#: The virtual hub that always exists, and that cards join by default.
+VIRTUAL_HUB = "DEFAULT"

@@ -1,0 +1,86 @@
+"""
+C{twistd sevpn-nic}: the virtual LAN card's command line and service.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from sevpn import defaults
+from sevpn.accounts import Account
+from sevpn.mac import InvalidMAC, parse_mac
+from sevpn.options import CommonOptions
+from sevpn.users import StateError, read_password_file
+
+#: The flags that together make an account on the command line.
+_ACCOUNT_FLAGS = ("hub", "user", "password-file", "ca-file")
+
+
+class Options(CommonOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a sevpn virtual LAN card: a TAP device whose frames cross a virtual HUB. "
+        "Connect with --account NAME, with --hub/--user/--password-file/--ca-file, "
+        "or later with 'sevpn nic connect NAME'."
+    )
+    optParameters = [
+        ["state-dir", "d", defaults.CARD_STATE_DIR, "Where the card keeps its MAC and accounts."],
+        ["tap", "i", defaults.TAP_NAME, "Name of the TAP device to create."],
+        ["account", "a", None, "Connect with this saved account at start."],
+        ["hub", None, None, "The hub's address, HOST:PORT."],
+        ["hub-name", None, defaults.VIRTUAL_HUB, "The virtual hub to join."],
+        ["user", "u", None, "User name on the virtual hub."],
+        ["password-file", None, None, "File whose first line is the password ('-' for standard input)."],
+        ["ca-file", None, None, "The hub's CA certificate (the hub's STATE/ca.pem)."],
+        ["server-name", None, None, "The name to verify in the hub's certificate (default: the host of --hub)."],
+        ["mac", None, None, "Use this MAC instead of the card's own generated one."],
+    ]
+    optFlags = [
+        ["no-auto-reconnect", None, "Do not reconnect after the link fails."],
+        ["no-offload", None, "Open the TAP without kernel offload (no 64 KiB super-frames; slower)."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["mac"]:
+            try:
+                self["mac"] = parse_mac(self["mac"])
+            except InvalidMAC as e:
+                raise usage.UsageError(str(e))
+        self["connect"] = self["account"]
+        if any(self[k] for k in _ACCOUNT_FLAGS):
+            if self["account"]:
+                raise usage.UsageError("give either --account or --hub/--user/--password-file/--ca-file, not both")
+            missing = [f"--{k}" for k in _ACCOUNT_FLAGS if not self[k]]
+            if missing:
+                raise usage.UsageError("to connect at start also give " + ", ".join(missing))
+            try:
+                password = read_password_file(self["password-file"]).decode("utf-8")
+                self["connect"] = Account(
+                    name="command-line",
+                    hub=self["hub"],
+                    user=self["user"],
+                    password=password,
+                    ca_file=self["ca-file"],
+                    hub_name=self["hub-name"],
+                    server_name=self["server-name"],
+                    auto_reconnect=not self["no-auto-reconnect"],
+                )
+            except (StateError, UnicodeDecodeError) as e:
+                raise usage.UsageError(str(e))
+
+
+def makeService(config: Options) -> IService:
+    from sevpn.services import CardService
+
+    return CardService(
+        state_dir=config["state-dir"],
+        tap_name=config["tap"],
+        account=config["connect"],
+        mac=config["mac"],
+        keepalive=config["keepalive"],
+        resume_window=config["resume-window"],
+        buffer_limit=config["resume-buffer-bytes"],
+        offload=not config["no-offload"],
+    )
