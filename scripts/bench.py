@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.netns import script_topology, two_cards  # noqa: E402
+from scripts.netns import script_topology, two_cards  # noqa: E402
 
 DUR = int(os.environ.get("DUR", "10"))
 

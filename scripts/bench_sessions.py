@@ -14,7 +14,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.bench import iperf  # noqa: E402
-from tests.netns import script_topology, sevpn, two_cards, wait_for  # noqa: E402
+from scripts.netns import script_topology, sevpn, two_cards, wait_for  # noqa: E402
 
 COUNT = int(os.environ.get("COUNT", "1000"))
 

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.netns import script_topology, sevpn  # noqa: E402
+from scripts.netns import script_topology, sevpn  # noqa: E402
 
 
 def step(text):

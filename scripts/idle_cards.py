@@ -17,26 +17,24 @@ from twisted.python import log  # noqa: E402
 from sevpn.accounts import Account  # noqa: E402
 from sevpn.card import Card  # noqa: E402
 from sevpn.mac import generate_mac  # noqa: E402
-from sevpn.services import tls_endpoint_for  # noqa: E402
+from sevpn.port import Port  # noqa: E402
+from sevpn.cardservice import tls_endpoint_for  # noqa: E402
 from sevpn.users import read_password_file  # noqa: E402
 
 
-class NullTap:
-    name = "null"
-    offload = False
+class NullTap(Port):
+    """A TAP that is not there: takes nothing from the OS, drops what it is given."""
+
     carrier = False
 
-    def write_frames(self, frames):
+    def __init__(self):
+        super().__init__("null", reactor)
+
+    def transmit(self, frames):
         pass
 
     def set_carrier(self, on):
         self.carrier = on
-
-    def start_reading(self):
-        pass
-
-    def stop_reading(self):
-        pass
 
 
 def main():

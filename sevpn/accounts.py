@@ -1,5 +1,6 @@
 """
-The card's accounts: the connection manager's dial-up entries (seed 4).
+The card's accounts: the connection manager's dial-up entries, like
+SoftEther's: where to connect and as whom, picked by name.
 
 Each account is C{STATE/accounts/NAME.json}, 0600, because it holds the
 password the card must present to the hub.

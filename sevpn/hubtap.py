@@ -34,7 +34,7 @@ class Options(CommonOptions):
 
 
 def makeService(config: Options) -> IService:
-    from sevpn.services import HubService
+    from sevpn.hubservice import HubService
 
     return HubService(
         state_dir=config["state-dir"],

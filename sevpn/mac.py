@@ -1,7 +1,7 @@
 """
 Ethernet MAC addresses: parsing, formatting, and the card's own virtual MAC.
 
-Seed fact 3: every card has a MAC that does not collide with another
+Every card has a MAC of its own that must not collide with another
 computer's.  L{generate_mac} draws 46 random bits from the OS's strong
 source and marks the address unicast and locally administered (the
 IEEE-reserved space for addresses no vendor hands out).

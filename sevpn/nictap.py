@@ -72,7 +72,7 @@ class Options(CommonOptions):
 
 
 def makeService(config: Options) -> IService:
-    from sevpn.services import CardService
+    from sevpn.cardservice import CardService
 
     return CardService(
         state_dir=config["state-dir"],

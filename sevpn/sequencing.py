@@ -1,6 +1,6 @@
 """
 Sequence numbers, acknowledgements and the resume buffer: the exactness
-behind session resumption (seed fact 6).
+behind session resumption (a short outage loses not one frame).
 
 Pure state, no reactor.  Each side of a session owns one L{SendLog} (what
 it sent or holds for the peer, numbered from 1, kept until acknowledged)

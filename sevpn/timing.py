@@ -11,14 +11,14 @@ import os
 import random as _random
 from typing import Callable, Tuple
 
-#: Reconnect backoff (seed fact 5): the first retry after a loss is
+#: Reconnect backoff (a card retries forever): the first retry after a loss is
 #: immediate (so a session resumes at once), then 0.5 s doubling, capped at
 #: 5 s, each delay drawn from its upper half ("equal jitter").  Never ends.
 BACKOFF_INITIAL = 0.5
 BACKOFF_FACTOR = 2.0
 BACKOFF_CAP = 5.0
 
-#: Keepalive (seed fact 7): a NULL packet of ~50 bytes every 5-10 s of
+#: Keepalive (lines that drop idle connections): a NULL packet of ~50 bytes every 5-10 s of
 #: silence; a peer silent for 30 s (three missed keepalives) is gone.
 KEEPALIVE_INTERVAL = (5.0, 10.0)
 KEEPALIVE_TIMEOUT = 30.0

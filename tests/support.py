@@ -15,6 +15,7 @@ from twisted.internet import address
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -243,3 +244,25 @@ class Lab:
             card.connect(card.test_account)
             self.network.pump()
         return card
+
+
+class Raw(Protocol):
+    def __init__(self):
+        self.received = b""
+        self.lost = None
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class RawFactory:
+    def __init__(self):
+        self.protocols = []
+
+    def buildProtocol(self, addr):
+        p = Raw()
+        self.protocols.append(p)
+        return p

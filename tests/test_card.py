@@ -54,7 +54,7 @@ class Reconnect(SynchronousTestCase):
 
 
 class Resume(SynchronousTestCase):
-    """Seed fact 6: a short outage loses not one frame."""
+    """Session resumption: a short outage loses not one frame."""
 
     def setUp(self):
         self.lab = Lab(self, resume_window=60)

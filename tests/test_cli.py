@@ -10,7 +10,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.netns import BIN, env
+from scripts.netns import BIN, env
 
 
 def sevpn(*args, input=None):

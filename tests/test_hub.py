@@ -7,13 +7,12 @@ logins checked off the reactor thread.
 import dataclasses
 import json
 
-from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from sevpn import card as card_states
 from sevpn import wire
 from sevpn.defaults import HANDSHAKE_TIMEOUT
-from tests.support import BROADCAST, Lab, frame, mac, payloads
+from tests.support import BROADCAST, Lab, RawFactory, frame, mac, payloads
 
 
 class Core(SynchronousTestCase):
@@ -170,28 +169,6 @@ class Refusals(SynchronousTestCase):
         card.connect(card.test_account)
         self.lab.network.pump()
         self.assertEqual(card.state, card_states.CONNECTED)
-
-
-class Raw(Protocol):
-    def __init__(self):
-        self.received = b""
-        self.lost = None
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.lost = reason
-
-
-class RawFactory:
-    def __init__(self):
-        self.protocols = []
-
-    def buildProtocol(self, addr):
-        p = Raw()
-        self.protocols.append(p)
-        return p
 
 
 class HostileInput(SynchronousTestCase):

@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sevpn import card as card_states
 from sevpn import wire
 from sevpn.timing import KEEPALIVE_TIMEOUT
-from tests.support import BROADCAST, Lab, frame, mac
+from tests.support import BROADCAST, Lab, RawFactory, frame, mac
 
 
 class Keepalive(SynchronousTestCase):
@@ -79,8 +79,6 @@ class Life(SynchronousTestCase):
         self.assertEqual([(s["state"], s["resumes"]) for s in self.lab.hub.describe_sessions()], [("connected", 1)])
 
     def test_a_hello_sized_limit_until_the_handshake_is_over(self):
-        from tests.test_hub import RawFactory
-
         raw = RawFactory()
         self.lab.network.connect(raw)
         conn = self.lab.network.connections[-1]

@@ -1,4 +1,4 @@
-"""The card's own virtual MAC (seed fact 3)."""
+"""The card's own virtual MAC: random, unicast, locally administered, kept."""
 
 import os
 import shutil

@@ -17,7 +17,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.netns import BIN, Topology, env, sevpn, sha256_file, two_cards, wait_for
+from scripts.netns import BIN, Topology, env, sevpn, sha256_file, two_cards, wait_for
 
 
 class SystemTestCase(TestCase):
@@ -77,10 +77,10 @@ def transfer(topo, src: int, dst: int, size_mb: int, rate: float = 0):
                 f.write(os.urandom(1 << 20))
     report = os.path.join(topo.dir, f"report-{time.monotonic_ns()}.json")
     port = "7001"
-    server = topo.spawn(topo.host(dst), "transfer-serve", sys.executable, "-m", "tests.transfer", "serve",
+    server = topo.spawn(topo.host(dst), "transfer-serve", sys.executable, "-m", "scripts.transfer", "serve",
                         topo.tap_addr(dst), port, report)
     time.sleep(0.5)
-    sender = topo.spawn(topo.host(src), "transfer-send", sys.executable, "-m", "tests.transfer", "send",
+    sender = topo.spawn(topo.host(src), "transfer-send", sys.executable, "-m", "scripts.transfer", "send",
                         topo.tap_addr(dst), port, data, str(rate))
     return data, report, server, sender
 
@@ -198,7 +198,7 @@ class MixedOffload(SystemTestCase):
 
 
 class CardLife(SystemTestCase):
-    """Issue: the card's life on a real line (seed facts 3, 4, 5, 7)."""
+    """The card's life on a real line: its own MAC, no carrier until connected, reconnecting, keepalive."""
 
     @classmethod
     def start(cls, topo):

@@ -17,7 +17,8 @@ from twisted.trial.unittest import TestCase
 
 from sevpn.accounts import Account
 from sevpn.card import Card
-from sevpn.services import HubService, tls_endpoint_for
+from sevpn.cardservice import tls_endpoint_for
+from sevpn.hubservice import HubService
 from sevpn.users import HubState
 from tests.support import FakeTap, mac
 

@@ -65,7 +65,7 @@ class RoundTrip(SynchronousTestCase):
         self.assertFalse(wire.Refused("from-the-future", "no").retry_later)
 
     def test_null_size(self):
-        """A keepalive is about 50 bytes on the wire (seed fact 7)."""
+        """A keepalive is about 50 bytes on the wire, as SoftEther's NULL packets are."""
         self.assertEqual(len(wire.encode_null(1, b"\0" * 37)), 50)
 
     def test_large_frame(self):

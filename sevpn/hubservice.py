@@ -1,9 +1,8 @@
 """
-Wiring: the hub and the card as Twisted services.
-
-Here the policies (L{sevpn.hub.Hub}, L{sevpn.card.Card}) meet the real
-world: TLS endpoints, the TAP device, the control socket.  The reactor is
-a parameter; the global one is only looked up when none is given.
+The hub as a Twisted service: where the hub's policy (L{sevpn.hub.Hub})
+meets the real world: its state dir, its certificates, the TLS listening
+ports and the control socket.  The reactor is a parameter; the global one
+is only looked up when none is given.
 """
 
 from __future__ import annotations
@@ -14,31 +13,21 @@ from typing import Iterable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.logger import Logger
 
 from sevpn import control, defaults
-from sevpn.accounts import Account, AccountStore
-from sevpn.card import Card
 from sevpn.files import ensure_dir
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
-from sevpn.mac import format_mac, load_or_create_mac
-from sevpn.pki import client_tls_options, ensure_pki, server_tls_options
+from sevpn.pki import ensure_pki, server_tls_options
+from sevpn.runtime import fatal, reactor_or_global
 from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
-from sevpn.tls import TLSClientEndpoint, TLSFactory
+from sevpn.tls import TLSFactory
 from sevpn.users import HubState, StateError
-
-
-def _reactor(reactor):
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        return global_reactor
-    return reactor
 
 
 def release_large_blocks() -> None:
@@ -54,12 +43,6 @@ def release_large_blocks() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
-
-
-def fatal(what: str, message: str) -> SystemExit:
-    """An error a user must fix: one sentence on stderr, exit status 1."""
-    Logger().critical("{message}", message=message)
-    return SystemExit(f"{what}: {message}")
 
 
 class HubService(Service):
@@ -89,7 +72,7 @@ class HubService(Service):
         self.control_port = None
 
     def startService(self) -> None:
-        reactor = _reactor(self.reactor)
+        reactor = reactor_or_global(self.reactor)
         release_large_blocks()
         try:
             ensure_dir(self.state_dir)
@@ -152,116 +135,7 @@ class HubService(Service):
         links = self.hub.shutdown() if self.hub is not None else []
         closing = self._close()
         goodbyes = gatherResults([link.when_closed() for link in links])
-        goodbyes.addTimeout(2, _reactor(self.reactor))
+        goodbyes.addTimeout(2, reactor_or_global(self.reactor))
         done = gatherResults([goodbyes.addErrback(lambda _: None)] + closing)
         done.addBoth(lambda _: self.log.info("hub stopped"))
         return done
-
-
-def tls_endpoint_for(reactor):
-    """How a card reaches a hub: TCP, then TLS verified against the CA file."""
-
-    def endpoint_for(account: Account):
-        try:
-            options = client_tls_options(account.ca_file, account.verify_name)
-        except OSError as e:
-            raise StateError(f"cannot read the CA file {account.ca_file}: {e.strerror}")
-        except Exception as e:
-            raise StateError(f"the CA file {account.ca_file} holds no usable certificate ({e})")
-        return TLSClientEndpoint(options, HostnameEndpoint(reactor, account.host, account.port, timeout=10))
-
-    return endpoint_for
-
-
-class CardService(Service):
-    log = Logger()
-
-    def __init__(
-        self,
-        state_dir: str = defaults.CARD_STATE_DIR,
-        tap_name: str = defaults.TAP_NAME,
-        account=None,
-        mac: Optional[bytes] = None,
-        keepalive: Optional[Keepalive] = None,
-        resume_window: float = defaults.RESUME_WINDOW,
-        buffer_limit: int = DEFAULT_LIMIT,
-        offload: bool = True,
-        reactor=None,
-    ) -> None:
-        self.state_dir = state_dir
-        self.tap_name = tap_name
-        self.offload = offload
-        self.account = account  # an Account, an account name, or None
-        self.mac = mac
-        self.keepalive = keepalive or Keepalive()
-        self.resume_window = resume_window
-        self.buffer_limit = buffer_limit
-        self.reactor = reactor
-        self.card: Optional[Card] = None
-        self.tap = None
-        self.control_port = None
-
-    def startService(self) -> None:
-        from sevpn.tapdevice import TapError, TapPort
-
-        reactor = _reactor(self.reactor)
-        try:
-            ensure_dir(self.state_dir)
-            account = self.account
-            if isinstance(account, str):
-                account = AccountStore(self.state_dir).get(account)
-            mac = self.mac or load_or_create_mac(self.state_dir)
-            self.tap = TapPort(self.tap_name, mac, reactor, self.offload)
-            card = Card(
-                reactor,
-                self.tap,
-                mac,
-                tls_endpoint_for(reactor),
-                keepalive=self.keepalive,
-                resume_window=self.resume_window,
-                buffer_limit=self.buffer_limit,
-            )
-            self.tap.start_reading()
-            self.card = card
-            self.control_port = control.listen(
-                reactor,
-                self.state_dir,
-                {"status": card.status, "connect": self._connect, "disconnect": self._disconnect},
-            )
-            self.log.info(
-                "card {tap} ready with MAC {mac}: cable unplugged until connected",
-                tap=self.tap.name, mac=format_mac(mac),
-            )
-            if account is not None:
-                card.connect(account)
-        except (StateError, TapError, control.ControlError, OSError, ValueError) as e:
-            self._close()
-            raise fatal("sevpn-nic", str(e))
-        Service.startService(self)
-
-    def _connect(self, account: str) -> dict:
-        try:
-            self.card.connect(AccountStore(self.state_dir).get(account))
-        except StateError as e:
-            raise control.ControlError(str(e))
-        return self.card.status()
-
-    def _disconnect(self):
-        return self.card.disconnect().addCallback(lambda _: self.card.status())
-
-    def _close(self):
-        if self.control_port is not None:
-            self.control_port.stopListening()
-            self.control_port = None
-        if self.tap is not None:
-            self.tap.close()
-            self.tap = None
-
-    def stopService(self):
-        Service.stopService(self)
-        if self.card is None:
-            return None
-        d = self.card.disconnect("the card is shutting down")
-        d.addBoth(lambda _: self._close())
-        return d
-

@@ -2,8 +2,8 @@
 A TCP transfer for the system tests: ``serve`` receives one connection and
 reports its size and sha256; ``send`` sends a file, optionally paced.
 
-    python -m tests.transfer serve HOST PORT REPORT.json
-    python -m tests.transfer send HOST PORT FILE [BYTES_PER_SECOND]
+    python -m scripts.transfer serve HOST PORT REPORT.json
+    python -m scripts.transfer send HOST PORT FILE [BYTES_PER_SECOND]
 """
 
 import hashlib

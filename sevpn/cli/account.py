@@ -1,0 +1,61 @@
+"""C{sevpn account ...}: the card's connection entries."""
+
+from __future__ import annotations
+
+import os
+
+from sevpn.accounts import Account, AccountStore
+from sevpn.cli.common import CommandError, command, password, print_json, table
+from sevpn.defaults import CARD_STATE_DIR
+from sevpn.users import DEFAULT_HUB
+
+
+def account_add(args) -> None:
+    ca_file = os.path.abspath(args.ca_file)
+    if not os.path.isfile(ca_file):
+        raise CommandError(f"the CA file {args.ca_file} does not exist")
+    account = Account(
+        name=args.name,
+        hub=args.hub,
+        user=args.user,
+        password=password(args.password_file),
+        ca_file=ca_file,
+        hub_name=args.hub_name,
+        server_name=args.server_name,
+        auto_reconnect=args.auto_reconnect,
+    )
+    AccountStore(args.state_dir).save(account)
+    print(f"account {args.name} saved (hub {account.hub_name} at {account.hub} as {account.user})")
+
+
+def account_list(args) -> None:
+    store = AccountStore(args.state_dir)
+    rows = [store.get(n).public() for n in store.names()]
+    print_json(rows) if args.json else table(rows, ["name", "hub", "hub_name", "user", "auto_reconnect"])
+
+
+def account_delete(args) -> None:
+    AccountStore(args.state_dir).delete(args.name)
+    print(f"account {args.name} deleted")
+
+
+def register(roles) -> None:
+    """Add C{sevpn account ...}."""
+    accounts = roles.add_parser("account", help="the card's connection entries").add_subparsers(
+        dest="command", metavar="COMMAND"
+    )
+    accounts.required = True
+    state = CARD_STATE_DIR
+    p = command(accounts, "add", account_add, "save a connection entry", state)
+    p.add_argument("name")
+    p.add_argument("--hub", required=True, help="the hub's HOST:PORT")
+    p.add_argument("--hub-name", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
+    p.add_argument("--ca-file", required=True, help="the hub's CA certificate (its STATE/ca.pem)")
+    p.add_argument("--server-name", help="name to verify in the hub's certificate (default: the hub's host)")
+    p.add_argument("--auto-reconnect", dest="auto_reconnect", action="store_true", default=True,
+                   help="reconnect forever after a failure (default)")
+    p.add_argument("--no-auto-reconnect", dest="auto_reconnect", action="store_false")
+    command(accounts, "list", account_list, "list connection entries", state, json_flag=True)
+    command(accounts, "delete", account_delete, "delete a connection entry", state).add_argument("name")
