@@ -15,7 +15,7 @@ from twisted.internet import reactor  # noqa: E402
 from twisted.python import log  # noqa: E402
 
 from sevpn.accounts import Account  # noqa: E402
-from sevpn.card import Card  # noqa: E402
+from sevpn.card import Card, NicSide  # noqa: E402
 from sevpn.mac import generate_mac  # noqa: E402
 from sevpn.port import Port  # noqa: E402
 from sevpn.cardservice import tls_endpoint_for  # noqa: E402
@@ -46,7 +46,7 @@ def main():
     def start(i):
         if i >= int(count):
             return
-        card = Card(reactor, NullTap(), generate_mac(), endpoint_for)
+        card = Card(reactor, NicSide(NullTap()), generate_mac(), endpoint_for)
         card.connect(Account(name=f"idle{i}", hub=hub, user=user, password=password, ca_file=ca_file))
         cards.append(card)
         reactor.callLater(0.005, start, i + 1)

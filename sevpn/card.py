@@ -1,8 +1,10 @@
 """
 The virtual LAN card's policy: its life on a real line.
 
-A card is a TAP port (what the OS sees as a network card) joined by a
-L{sevpn.port.Cable} to the port of its session with a virtual hub.  Its
+A card joins its I{LAN side} to a virtual hub over a session: for a
+virtual LAN card the LAN side is its TAP device (what the OS sees as a
+network card, joined by a L{sevpn.port.Cable}); for a cascade it is the
+local hub's virtual hub, which dials the remote one as a card would.  Its
 life is an Automat state machine (the transition table is at the end of
 L{Card}):
 
@@ -18,8 +20,8 @@ L{Card}):
 
 The card dials by itself (a reconnecting client on the injected clock), so
 every retry, give-up and timer is a transition of this machine rather than
-of a service hidden underneath.  I/O is injected: the TAP port and
-C{endpoint_for(account)}.
+of a service hidden underneath.  I/O is injected: the LAN side
+(L{ILanSide}) and C{endpoint_for(account)}.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Callable, Optional
 from automat import MethodicalMachine
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from sevpn import defaults, wire
 from sevpn.accounts import Account
@@ -44,6 +47,61 @@ CONNECTING = "connecting"
 CONNECTED = "connected"
 RESUMING = "resuming"
 REFUSED = "refused"
+
+
+class ILanSide(Interface):
+    """What a card joins to the hub: its TAP, or a local virtual hub."""
+
+    name = Attribute("What it is, for status.")
+    offload = Attribute("Whether it takes kernel offload super-frames (asked for in the hello).")
+    carrier = Attribute("Whether the cable shows as plugged in.")
+
+    def set_carrier(on: bool) -> None:
+        """Show the cable plugged in or not."""
+
+    def plug(port: Port) -> None:
+        """A session's port: frames now flow between it and the LAN side."""
+
+    def unplug() -> None:
+        """The session is gone: the port is closed, what the LAN sends is dropped."""
+
+    def counters() -> dict:
+        """The LAN side's counters, for status."""
+
+
+@implementer(ILanSide)
+class NicSide:
+    """A virtual LAN card's LAN side: its TAP port and the cable to the session."""
+
+    def __init__(self, tap: Port) -> None:
+        self.tap = tap
+        self.cable = Cable(tap)
+
+    @property
+    def name(self) -> str:
+        return self.tap.name
+
+    @property
+    def offload(self) -> bool:
+        return bool(self.tap.mac_offset)
+
+    @property
+    def carrier(self) -> bool:
+        return self.tap.carrier
+
+    def set_carrier(self, on: bool) -> None:
+        self.tap.set_carrier(on)
+
+    def plug(self, port: Port) -> None:
+        self.cable.plug(port)
+
+    def unplug(self) -> None:
+        self.cable.unplug()
+
+    def counters(self) -> dict:
+        info = self.tap.counters()
+        info["unplugged_drops"] = self.cable.unplugged_drops
+        return info
 
 
 class CardSession(Session):
@@ -66,7 +124,7 @@ class Card:
     A virtual LAN card: see the module docstring.
 
     @param clock: the reactor (C{callLater}, C{seconds}).
-    @param tap: the TAP port; C{set_carrier(bool)}, C{carrier}, C{name}.
+    @param lan: the LAN side (L{ILanSide}).
     @param endpoint_for: C{account -> IStreamClientEndpoint}; raises a
         L{sevpn.users.StateError} with a sentence if the account is unusable.
     """
@@ -77,7 +135,7 @@ class Card:
     def __init__(
         self,
         clock,
-        tap: Port,
+        lan: ILanSide,
         mac: bytes,
         endpoint_for: Callable[[Account], object],
         keepalive: Optional[Keepalive] = None,
@@ -86,8 +144,7 @@ class Card:
         backoff: Optional[Callable[[int], float]] = None,
     ) -> None:
         self.clock = clock
-        self.tap = tap
-        self.cable = Cable(tap)
+        self.lan = lan
         self.mac = mac
         self.endpoint_for = endpoint_for
         self.keepalive = keepalive or Keepalive()
@@ -113,8 +170,8 @@ class Card:
 
     @property
     def offload(self) -> bool:
-        """Whether the TAP hands over offload super-frames."""
-        return bool(self.tap.mac_offset)
+        """Whether the LAN side hands over offload super-frames."""
+        return bool(self.lan.offload)
 
     @property
     def state(self) -> str:
@@ -322,10 +379,10 @@ class Card:
     def _unplug(self) -> None:
         self._cancel_window()
         self.session = None
-        self.cable.unplug()
+        self.lan.unplug()
         self.connected_since = None
-        if self.tap.carrier:
-            self.tap.set_carrier(False)
+        if self.lan.carrier:
+            self.lan.set_carrier(False)
 
     @_machine.output()
     def _log_unplugged(self, reason: str) -> None:
@@ -341,9 +398,9 @@ class Card:
     @_machine.output()
     def _new_session(self, link: Link, welcome: wire.Welcome) -> None:
         session = self.session = CardSession(self, welcome)
-        self.cable.plug(session.port)
+        self.lan.plug(session.port)
         self._attach(link, 0)
-        self.tap.set_carrier(True)
+        self.lan.set_carrier(True)
         self.connected_since = self.clock.seconds()
         self.log.info(
             "connected to hub {hub} at {addr} as {user}: cable plugged in",
@@ -498,17 +555,16 @@ class Card:
             "hub_name": account.hub_name if account else None,
             "user": account.user if account else None,
             "mac": format_mac(self.mac),
-            "tap": getattr(self.tap, "name", None),
-            "carrier": bool(self.tap.carrier),
+            "tap": self.lan.name,
+            "carrier": bool(self.lan.carrier),
             "session": session.id if session else None,
             "uptime": round(now - self.connected_since, 1) if self.connected_since is not None else None,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
             "resume_window": self.resume_window,
-            "unplugged_drops": self.cable.unplugged_drops,
             "offload": self.offload,
         }
-        info.update(self.tap.counters())
+        info.update(self.lan.counters())
         if session is not None:
             for key, value in session.port.counters().items():
                 info[key] = info.get(key, 0) + value if key in ("bad_frames", "congestion_drops") else value

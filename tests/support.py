@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sevpn.accounts import Account
-from sevpn.card import Card
+from sevpn.card import Card, NicSide
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
 from sevpn.port import Port
@@ -232,7 +232,7 @@ class Lab:
             self.user(user, hub=hub)
             self._users.add((user, hub))
         card = Card(
-            self.clock, FakeTap(self.clock, kw.pop("offload", False)), mac(n), lambda account: self.network,
+            self.clock, NicSide(FakeTap(self.clock, kw.pop("offload", False))), mac(n), lambda account: self.network,
             keepalive=self.keepalive, resume_window=kw.pop("resume_window", self.resume_window),
             buffer_limit=self.buffer_limit, **kw,
         )

@@ -20,14 +20,14 @@ class Reconnect(SynchronousTestCase):
         card = self.lab.card(1)
         self.lab.network.run(120, step=0.25)
         self.assertEqual(card.state, card_states.CONNECTING)
-        self.assertFalse(card.tap.carrier)
+        self.assertFalse(card.lan.tap.carrier)
         # capped backoff: about one try per 2.5-5 s, never giving up
         self.assertTrue(25 <= card.attempts <= 55, card.attempts)
         self.assertIn("the line is down", card.last_error)
         self.lab.network.restore()
         self.lab.network.run(6, step=0.25)
         self.assertEqual(card.state, card_states.CONNECTED)
-        self.assertTrue(card.tap.carrier)
+        self.assertTrue(card.lan.tap.carrier)
 
     def test_no_auto_reconnect(self):
         self.lab.network.up = False
@@ -40,17 +40,17 @@ class Reconnect(SynchronousTestCase):
 
     def test_disconnect_says_goodbye_and_stops(self):
         a, _ = self.lab.card(1), self.lab.card(2)
-        a.tap.os_sends([frame(BROADCAST, mac(1))])
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1))])
         self.lab.network.pump()
         a.disconnect()
         self.lab.network.run(30, step=0.5)
         self.assertEqual(a.state, card_states.DISCONNECTED)
-        self.assertFalse(a.tap.carrier)
+        self.assertFalse(a.lan.tap.carrier)
         self.assertEqual([s["user"] for s in self.lab.hub.describe_sessions()], ["u2"])  # no hold
         self.assertEqual(self.lab.hub.describe_macs()["DEFAULT"]["macs"], [])
         a.connect(a.test_account)
         self.lab.network.pump()
-        self.assertTrue(a.tap.carrier)
+        self.assertTrue(a.lan.tap.carrier)
 
 
 class Resume(SynchronousTestCase):
@@ -60,12 +60,12 @@ class Resume(SynchronousTestCase):
         self.lab = Lab(self, resume_window=60)
         self.a, self.b = self.lab.card(1), self.lab.card(2)
         self.n = 0
-        self.a.tap.os_sends([frame(BROADCAST, mac(1), b"hi")])
-        self.b.tap.os_sends([frame(BROADCAST, mac(2), b"hi")])
+        self.a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"hi")])
+        self.b.lan.tap.os_sends([frame(BROADCAST, mac(2), b"hi")])
         self.lab.network.pump()
         self.expect_a, self.expect_b = [], []
-        self.a.tap.written.clear()
-        self.b.tap.written.clear()
+        self.a.lan.tap.written.clear()
+        self.b.lan.tap.written.clear()
 
     def traffic(self, count=5):
         """Frames both ways, numbered, through the hub."""
@@ -74,15 +74,15 @@ class Resume(SynchronousTestCase):
             self.n += 1
             fa.append(frame(mac(2), mac(1), b"a%06d" % self.n))
             fb.append(frame(mac(1), mac(2), b"b%06d" % self.n))
-        self.a.tap.os_sends(fa)
-        self.b.tap.os_sends(fb)
+        self.a.lan.tap.os_sends(fa)
+        self.b.lan.tap.os_sends(fb)
         self.expect_b += [f[14:] for f in fa]
         self.expect_a += [f[14:] for f in fb]
 
     def assertExact(self):
         self.lab.network.run(1)
-        self.assertEqual(payloads(self.b.tap), self.expect_b)
-        self.assertEqual(payloads(self.a.tap), self.expect_a)
+        self.assertEqual(payloads(self.b.lan.tap), self.expect_b)
+        self.assertEqual(payloads(self.a.lan.tap), self.expect_a)
         for card in (self.a, self.b):
             self.assertEqual(card.status()["frames_dropped"], 0)
         for s in self.lab.hub.describe_sessions():
@@ -92,7 +92,7 @@ class Resume(SynchronousTestCase):
         self.traffic()  # in flight when the line goes
         self.lab.network.cut()
         self.assertEqual(self.a.state, card_states.RESUMING)
-        self.assertTrue(self.a.tap.carrier)  # applications see no unplugged cable
+        self.assertTrue(self.a.lan.tap.carrier)  # applications see no unplugged cable
         if traffic_during:
             self.traffic()
         self.lab.network.run(seconds, step=0.25)
@@ -109,7 +109,7 @@ class Resume(SynchronousTestCase):
         self.assertExact()
         self.assertEqual(self.a.status()["resumes"], 3)
         self.assertEqual([s["resumes"] for s in self.lab.hub.describe_sessions()], [3, 3])
-        self.assertEqual(self.a.tap.carrier_changes, [True])  # up once, never down
+        self.assertEqual(self.a.lan.tap.carrier_changes, [True])  # up once, never down
         self.assertGreater(self.a.status()["frames_retransmitted"], 0)
 
     def test_loss_before_any_ack(self):
@@ -164,31 +164,31 @@ class Resume(SynchronousTestCase):
         self.lab.network.pump()
         self.lab.network.cut()
         self.lab.network.run(59, step=1)
-        self.assertTrue(self.a.tap.carrier)
+        self.assertTrue(self.a.lan.tap.carrier)
         self.assertEqual(len(self.lab.hub.sessions), 2)
         self.lab.network.run(2, step=1)
         # both ends gave the session up: cable unplugged, MAC table clean
-        self.assertFalse(self.a.tap.carrier)
+        self.assertFalse(self.a.lan.tap.carrier)
         self.assertEqual(self.lab.hub.sessions, {})
         self.assertEqual(self.lab.hub.describe_macs()["DEFAULT"]["macs"], [])
         old = self.a.status()
         self.assertIsNone(old["session"])
         self.lab.network.restore()
         self.lab.network.run(6, step=0.5)
-        self.assertTrue(self.a.tap.carrier)
+        self.assertTrue(self.a.lan.tap.carrier)
         self.assertEqual(self.a.status()["resumes"], 0)  # a fresh session
 
     def test_buffer_overflow_is_counted(self):
         lab = Lab(self, buffer_limit=4096)
         a, b = lab.card(1), lab.card(2)
-        b.tap.os_sends([frame(BROADCAST, mac(2))])
+        b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
         lab.network.pump()
         lab.network.cut()
         for i in range(40):
-            a.tap.os_sends([frame(mac(2), mac(1), b"%05d" % i + b"x" * 500)])
+            a.lan.tap.os_sends([frame(mac(2), mac(1), b"%05d" % i + b"x" * 500)])
         lab.network.restore()
         lab.network.run(3)
-        got = payloads(b.tap)
+        got = payloads(b.lan.tap)
         dropped = a.status()["frames_dropped"]
         self.assertGreater(dropped, 0)
         self.assertEqual(len(got) + dropped, 40)
@@ -205,10 +205,10 @@ class Resume(SynchronousTestCase):
         self.lab.network.run(3)
         self.assertEqual(self.a.state, card_states.CONNECTED)
         self.assertNotEqual(self.a.status()["session"], old_session)
-        self.assertTrue(self.a.tap.carrier)
+        self.assertTrue(self.a.lan.tap.carrier)
         self.traffic()
         self.lab.network.run(1)
-        self.assertEqual(payloads(self.b.tap)[-5:], self.expect_b[-5:])
+        self.assertEqual(payloads(self.b.lan.tap)[-5:], self.expect_b[-5:])
 
 
 class EdgeQueue(SynchronousTestCase):
@@ -222,12 +222,12 @@ class EdgeQueue(SynchronousTestCase):
         big = frame(BROADCAST, mac(1), b"x" * 60000)
         queued = -(-PORT_QUEUE // len(big))
         for _ in range(queued):
-            a.tap.os_sends([big])
+            a.lan.tap.os_sends([big])
         self.assertEqual(a.status()["congestion_drops"], 0)  # a burst is queued
-        a.tap.os_sends([big] * 3)
+        a.lan.tap.os_sends([big] * 3)
         self.assertEqual(a.status()["congestion_drops"], 3)
         a.session.link.resumeProducing()
-        a.tap.os_sends([big])
+        a.lan.tap.os_sends([big])
         self.assertEqual(a.status()["congestion_drops"], 3)
         self.assertEqual(a.status()["frames_dropped"], 0)
         lab.network.pump()
@@ -267,7 +267,7 @@ class ReplacedSessions(SynchronousTestCase):
 
     def test_connect_while_connected_says_goodbye_first(self):
         a, b = self.lab.card(1), self.lab.card(2)
-        a.tap.os_sends([frame(BROADCAST, mac(1), b"a")])
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"a")])
         self.lab.network.pump()
         old = a.status()["session"]
         self.lab.user("u1", hub="OTHER")
@@ -284,23 +284,23 @@ class ReplacedSessions(SynchronousTestCase):
         # and back to DEFAULT: the card's MAC is its own there at once
         a.connect(a.test_account)
         self.lab.network.pump()
-        a.tap.os_sends([frame(BROADCAST, mac(1), b"back")])
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"back")])
         self.lab.network.pump()
-        self.assertEqual(payloads(b.tap)[-1], b"back")
+        self.assertEqual(payloads(b.lan.tap)[-1], b"back")
         self.assertEqual(self.macs("OTHER"), set())
 
     def test_a_restarted_card_ends_its_held_session(self):
         a, b = self.lab.card(1), self.lab.card(2)
-        a.tap.os_sends([frame(BROADCAST, mac(1), b"a")])
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"a")])
         self.lab.network.pump()
         old = a.status()["session"]
         self.kill(a)
         self.assertEqual([s["state"] for s in self.lab.hub.describe_sessions() if s["id"] == old], ["held"])
         again = self.lab.card(1)  # the same state dir: the same MAC and user, a fresh session
         self.assertNotIn(old, [s["id"] for s in self.lab.hub.describe_sessions()])
-        again.tap.os_sends([frame(BROADCAST, mac(1), b"I am back")])
+        again.lan.tap.os_sends([frame(BROADCAST, mac(1), b"I am back")])
         self.lab.network.pump()
-        self.assertEqual(payloads(b.tap)[-1], b"I am back")
+        self.assertEqual(payloads(b.lan.tap)[-1], b"I am back")
         self.assertEqual(self.lab.hub.describe_macs()["DEFAULT"]["conflicts"], [])
         self.assertTrue(any("replaced by a new login of the same card" in line for line in self.text()))
 
@@ -317,7 +317,7 @@ class ReplacedSessions(SynchronousTestCase):
         self.lab.network.pump()
         self.assertTrue(any("closed the session (the hub is shutting down); reconnecting" in line
                             for line in self.text()), self.text()[-5:])
-        self.assertEqual(a.tap.carrier_changes, [True, False, True])  # unplugged, then a fresh session
+        self.assertEqual(a.lan.tap.carrier_changes, [True, False, True])  # unplugged, then a fresh session
         self.assertEqual(a.status()["reconnects"], 1)
 
 
@@ -363,7 +363,7 @@ class ReadmeTable(SynchronousTestCase):
         lines = [formatEvent(e) for e in self.logged[since:]]
         self.assertTrue(any(re.fullmatch(pattern, line) for line in lines), (log, lines))
         self.assertEqual(card.state, state)
-        self.assertEqual(str(int(card.tap.carrier)), carrier)
+        self.assertEqual(str(int(card.lan.tap.carrier)), carrier)
 
     def test_every_row(self):
         rows = self.rows()
@@ -421,7 +421,7 @@ class ReadmeTable(SynchronousTestCase):
         self.lab.network.server_factory = HubLinkFactory(hub, self.lab.clock, self.lab.keepalive)
         self.lab.network.restore()
         self.lab.network.run(1)
-        self.assertEqual(card.tap.carrier_changes, [True, False, True])
+        self.assertEqual(card.lan.tap.carrier_changes, [True, False, True])
         return card
 
     def hub_shut_down(self):

@@ -21,46 +21,46 @@ class Core(SynchronousTestCase):
 
     def test_cable_unplugged_until_welcomed(self):
         card = self.lab.card(1, connect=False)
-        self.assertFalse(card.tap.carrier)
+        self.assertFalse(card.lan.tap.carrier)
         card.connect(card.test_account)
-        self.assertFalse(card.tap.carrier)  # hello sent, no welcome yet
+        self.assertFalse(card.lan.tap.carrier)  # hello sent, no welcome yet
         self.lab.network.pump()
-        self.assertTrue(card.tap.carrier)
+        self.assertTrue(card.lan.tap.carrier)
         self.assertEqual(card.state, card_states.CONNECTED)
         self.assertEqual([s["user"] for s in self.lab.hub.describe_sessions()], ["u1"])
 
     def test_frames_cross_the_hub(self):
         a, b = self.lab.card(1), self.lab.card(2)
-        a.tap.os_sends([frame(BROADCAST, mac(1), b"arp?")])
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"arp?")])
         self.lab.network.pump()
-        self.assertEqual(payloads(b.tap), [b"arp?"])
-        self.assertEqual(a.tap.written, [])  # never echoed
-        b.tap.os_sends([frame(mac(1), mac(2), b"reply")])
-        a.tap.os_sends([frame(mac(2), mac(1), b"data")])
+        self.assertEqual(payloads(b.lan.tap), [b"arp?"])
+        self.assertEqual(a.lan.tap.written, [])  # never echoed
+        b.lan.tap.os_sends([frame(mac(1), mac(2), b"reply")])
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"data")])
         self.lab.network.pump()
-        self.assertEqual(payloads(a.tap), [b"reply"])
-        self.assertEqual(payloads(b.tap), [b"arp?", b"data"])
+        self.assertEqual(payloads(a.lan.tap), [b"reply"])
+        self.assertEqual(payloads(b.lan.tap), [b"arp?", b"data"])
         self.assertEqual(a.status()["frames_out"], 2)
         self.assertEqual(a.status()["bytes_in"], len(frame(mac(1), mac(2), b"reply")))
 
     def test_learned_unicast_reaches_only_its_card(self):
         a, b, c = self.lab.card(1), self.lab.card(2), self.lab.card(3)
-        b.tap.os_sends([frame(BROADCAST, mac(2), b"hello")])
+        b.lan.tap.os_sends([frame(BROADCAST, mac(2), b"hello")])
         self.lab.network.pump()
-        a.tap.os_sends([frame(mac(2), mac(1), b"for b")])
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"for b")])
         self.lab.network.pump()
-        self.assertEqual(payloads(b.tap), [b"for b"])
-        self.assertEqual(payloads(c.tap), [b"hello"])
+        self.assertEqual(payloads(b.lan.tap), [b"for b"])
+        self.assertEqual(payloads(c.lan.tap), [b"hello"])
 
     def test_virtual_hubs_are_separate_segments(self):
         self.lab.state.create_hub("OTHER")
         a, b = self.lab.card(1), self.lab.card(2)
         x = self.lab.card(3, hub="OTHER")
-        self.assertTrue(x.tap.carrier)
-        a.tap.os_sends([frame(BROADCAST, mac(1), b"bcast"), frame(mac(3), mac(1), b"unknown")])
+        self.assertTrue(x.lan.tap.carrier)
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"bcast"), frame(mac(3), mac(1), b"unknown")])
         self.lab.network.pump()
-        self.assertEqual(payloads(b.tap), [b"bcast", b"unknown"])
-        self.assertEqual(x.tap.written, [])
+        self.assertEqual(payloads(b.lan.tap), [b"bcast", b"unknown"])
+        self.assertEqual(x.lan.tap.written, [])
         macs = self.lab.hub.describe_macs()
         self.assertEqual([m["mac"] for m in macs["DEFAULT"]["macs"]], ["02:00:00:00:00:01"])
         self.assertEqual(macs["OTHER"]["macs"], [])
@@ -69,29 +69,29 @@ class Core(SynchronousTestCase):
 
     def test_batch_is_one_message_per_destination(self):
         a, b = self.lab.card(1), self.lab.card(2)
-        b.tap.os_sends([frame(BROADCAST, mac(2))])
+        b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
         self.lab.network.pump()
         [conn_a, conn_b] = self.lab.network.connections
         writes = []
         original = conn_b.st.write
         conn_b.st.write = lambda data: (writes.append(data), original(data))
-        a.tap.os_sends([frame(mac(2), mac(1), bytes([i]) * 40) for i in range(50)])
+        a.lan.tap.os_sends([frame(mac(2), mac(1), bytes([i]) * 40) for i in range(50)])
         self.lab.network.pump()
-        self.assertEqual(len(payloads(b.tap)), 50)
+        self.assertEqual(len(payloads(b.lan.tap)), 50)
         self.assertEqual(sum(1 for w in writes if w[4] == wire.DATA), 1)
 
     def test_a_card_cannot_take_another_cards_mac(self):
         """The first owner keeps a MAC; frames another card sends from it are dropped, counted and shown."""
         a, b, c = self.lab.card(1), self.lab.card(2), self.lab.card(3)
-        a.tap.os_sends([frame(BROADCAST, mac(9), b"a owns 9")])
+        a.lan.tap.os_sends([frame(BROADCAST, mac(9), b"a owns 9")])
         self.lab.network.pump()
-        b.tap.os_sends([frame(BROADCAST, mac(9), b"b lies")])
+        b.lan.tap.os_sends([frame(BROADCAST, mac(9), b"b lies")])
         self.lab.network.pump()
-        self.assertEqual(payloads(c.tap), [b"a owns 9"])
-        c.tap.os_sends([frame(mac(9), mac(3), b"for 9")])
+        self.assertEqual(payloads(c.lan.tap), [b"a owns 9"])
+        c.lan.tap.os_sends([frame(mac(9), mac(3), b"for 9")])
         self.lab.network.pump()
-        self.assertEqual(payloads(a.tap), [b"for 9"])  # still a's, not stolen by b
-        self.assertNotIn(b"for 9", payloads(b.tap))
+        self.assertEqual(payloads(a.lan.tap), [b"for 9"])  # still a's, not stolen by b
+        self.assertNotIn(b"for 9", payloads(b.lan.tap))
         macs = self.lab.hub.describe_macs()["DEFAULT"]
         [conflict] = macs["conflicts"]
         self.assertEqual(conflict["mac"], "02:00:00:00:00:09")
@@ -107,7 +107,7 @@ class Refusals(SynchronousTestCase):
     def assertRefused(self, card, fragment):
         self.assertEqual(card.state, card_states.REFUSED)
         self.assertIn(fragment, card.last_error)
-        self.assertFalse(card.tap.carrier)
+        self.assertFalse(card.lan.tap.carrier)
         self.assertEqual(self.lab.hub.sessions, {})
         # no hammering: time passes, no new attempt is made
         before = next(self.lab.network._ports)
@@ -194,9 +194,9 @@ class HostileInput(SynchronousTestCase):
     def assertClosedAndOthersFine(self, reason):
         self.assertIsNotNone(self.peer.lost)
         self.assertTrue(any(reason in str(e.get("reason", "")) for e in self.logged), self.logged[-3:])
-        self.a.tap.os_sends([frame(BROADCAST, mac(1), b"still here")])
+        self.a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"still here")])
         self.lab.network.pump()
-        self.assertEqual(payloads(self.b.tap), [b"still here"])
+        self.assertEqual(payloads(self.b.lan.tap), [b"still here"])
         self.assertEqual(len(self.lab.hub.sessions), 2)
 
     def test_garbage_instead_of_hello(self):
@@ -209,7 +209,7 @@ class HostileInput(SynchronousTestCase):
 
     def test_data_before_hello(self):
         self.send(wire.encode_data(1, 0, wire.encode_frames([frame(BROADCAST, mac(5))])))
-        self.assertEqual(self.b.tap.written, [])
+        self.assertEqual(self.b.lan.tap.written, [])
         self.assertClosedAndOthersFine("unexpected DATA")
 
     def test_malformed_hello(self):
@@ -232,9 +232,9 @@ class HostileInput(SynchronousTestCase):
         conn_a.ct.write(wire.encode_data(1, 0, b"\x00\x00\x00\x40short"))
         self.lab.network.pump()
         self.assertTrue(any("ends inside a frame" in str(e.get("reason", "")) for e in self.logged))
-        self.b.tap.os_sends([frame(BROADCAST, mac(2), b"b lives")])
+        self.b.lan.tap.os_sends([frame(BROADCAST, mac(2), b"b lives")])
         self.lab.network.pump()
-        self.assertTrue(self.b.tap.carrier)
+        self.assertTrue(self.b.lan.tap.carrier)
 
     def test_connection_flood_is_turned_away(self):
         from sevpn import hublink
@@ -248,14 +248,14 @@ class HostileInput(SynchronousTestCase):
         factory = self.lab.network.server_factory
         self.assertEqual((factory.handshaking, factory.turned_away), (2, 1))
         # the cards' sessions are untouched
-        self.a.tap.os_sends([frame(BROADCAST, mac(1), b"still here")])
+        self.a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"still here")])
         self.lab.network.pump()
-        self.assertEqual(payloads(self.b.tap), [b"still here"])
+        self.assertEqual(payloads(self.b.lan.tap), [b"still here"])
         # once the silent ones time out, connections are admitted again
         self.lab.network.run(HANDSHAKE_TIMEOUT + 1, step=1)
         self.assertEqual(factory.handshaking, 0)
         card = self.lab.card(3)
-        self.assertTrue(card.tap.carrier)
+        self.assertTrue(card.lan.tap.carrier)
 
     def test_ack_of_never_sent_frame(self):
         self.lab.network.connections[0].ct.write(wire.encode_ack(10**6))
@@ -307,19 +307,19 @@ class Backpressure(SynchronousTestCase):
         """The hub loses nothing: it stops reading the sender until there is room."""
         lab = Lab(self)
         a, b = lab.card(1), lab.card(2)
-        b.tap.os_sends([frame(BROADCAST, mac(2))])
+        b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
         lab.network.pump()
         hub_b = [s for s in lab.hub.sessions.values() if s.user == "u2"][0]
         hub_a = [s for s in lab.hub.sessions.values() if s.user == "u1"][0]
         hub_b.link.pauseProducing()
         for i in range(10):
-            a.tap.os_sends([frame(mac(2), mac(1), b"%d" % i * 1000)])
+            a.lan.tap.os_sends([frame(mac(2), mac(1), b"%d" % i * 1000)])
             lab.network.pump()
-        self.assertEqual(len(payloads(b.tap)), 1)  # one batch went out, then a was held back
+        self.assertEqual(len(payloads(b.lan.tap)), 1)  # one batch went out, then a was held back
         self.assertTrue(hub_a.link.transport.reading_paused)
         hub_b.link.resumeProducing()
         lab.network.pump()
-        self.assertEqual([p[:1] for p in payloads(b.tap)], [b"%d" % i for i in range(10)])
+        self.assertEqual([p[:1] for p in payloads(b.lan.tap)], [b"%d" % i for i in range(10)])
         self.assertEqual(hub_b.port.congestion_drops, 0)
 
     def test_a_stalled_card_does_not_stall_its_senders(self):
@@ -328,21 +328,21 @@ class Backpressure(SynchronousTestCase):
         lab = Lab(self)
         a, b, c = lab.card(1), lab.card(2), lab.card(3)
         for i, card in ((1, a), (2, b), (3, c)):
-            card.tap.os_sends([frame(BROADCAST, mac(i))])
+            card.lan.tap.os_sends([frame(BROADCAST, mac(i))])
             lab.network.pump()
         hub_b = [s for s in lab.hub.sessions.values() if s.user == "u2"][0]
         hub_b.link.pauseProducing()  # b stops reading and never resumes
-        a.tap.os_sends([frame(mac(2), mac(1), b"to b")])
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"to b")])
         lab.network.pump()
         lab.network.run(STALL_TIME * 2)
-        a.tap.os_sends([frame(mac(3), mac(1), b"to c"), frame(mac(2), mac(1), b"to b again")])
+        a.lan.tap.os_sends([frame(mac(3), mac(1), b"to c"), frame(mac(2), mac(1), b"to b again")])
         lab.network.pump()
-        self.assertEqual(payloads(c.tap)[-1], b"to c")  # a goes on
+        self.assertEqual(payloads(c.lan.tap)[-1], b"to c")  # a goes on
         self.assertEqual(hub_b.port.congestion_drops, 1)  # what is for b is dropped and counted
         hub_b.link.resumeProducing()
-        a.tap.os_sends([frame(mac(2), mac(1), b"back")])
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"back")])
         lab.network.pump()
-        self.assertEqual(payloads(b.tap)[-1], b"back")
+        self.assertEqual(payloads(b.lan.tap)[-1], b"back")
 
     def test_an_overflowing_port_drops_and_counts(self):
         """Past the port queue (floods from many cards), the hub drops."""
@@ -354,7 +354,7 @@ class Backpressure(SynchronousTestCase):
         slow = [s for s in lab.hub.sessions.values() if s.user == "u7"][0]
         slow.link.pauseProducing()
         for c in cards[:6]:
-            c.tap.os_sends([frame(BROADCAST, mac(cards.index(c) + 1), b"x" * 60000)])
+            c.lan.tap.os_sends([frame(BROADCAST, mac(cards.index(c) + 1), b"x" * 60000)])
             lab.network.pump()
         queued = -(-PORT_QUEUE // 60018)
         self.assertEqual(slow.port.congestion_drops, 6 - queued)
@@ -372,8 +372,8 @@ class MixedOffload(SynchronousTestCase):
         self.lab = Lab(self)
         self.fast = self.lab.card(1, offload=True)
         self.plain = self.lab.card(2)
-        self.fast.tap.os_sends([b"\0" * 10 + frame(BROADCAST, mac(1))])
-        self.plain.tap.os_sends([frame(BROADCAST, mac(2), b"hi")])
+        self.fast.lan.tap.os_sends([b"\0" * 10 + frame(BROADCAST, mac(1))])
+        self.plain.lan.tap.os_sends([frame(BROADCAST, mac(2), b"hi")])
         self.lab.network.pump()
 
     def test_negotiated_per_session(self):
@@ -383,21 +383,21 @@ class MixedOffload(SynchronousTestCase):
 
     def test_super_frame_is_segmented_for_the_plain_card(self):
         payload = bytes(range(256)) * 20
-        self.fast.tap.os_sends([self.gso(self.ipv4_tcp(payload), 1, 1000, 34)])
+        self.fast.lan.tap.os_sends([self.gso(self.ipv4_tcp(payload), 1, 1000, 34)])
         self.lab.network.pump()
-        segments = self.plain.tap.written[-6:]
-        self.assertEqual(len(self.plain.tap.written), 1 + 6)  # the broadcast, then six segments
+        segments = self.plain.lan.tap.written[-6:]
+        self.assertEqual(len(self.plain.lan.tap.written), 1 + 6)  # the broadcast, then six segments
         for seg in segments:
             self.verify(seg)
         self.assertEqual(b"".join(s[54:] for s in segments), payload)
 
     def test_plain_frames_gain_a_header_for_the_fast_card(self):
-        self.assertEqual(self.fast.tap.written, [b"\0" * 10 + frame(BROADCAST, mac(2), b"hi")])
+        self.assertEqual(self.fast.lan.tap.written, [b"\0" * 10 + frame(BROADCAST, mac(2), b"hi")])
 
     def test_bad_header_is_dropped_and_counted(self):
-        self.fast.tap.os_sends([b"\x40" + b"\0" * 9 + frame(mac(2), mac(1))])
+        self.fast.lan.tap.os_sends([b"\x40" + b"\0" * 9 + frame(mac(2), mac(1))])
         self.lab.network.pump()
-        self.assertEqual(len(self.plain.tap.written), 1)
+        self.assertEqual(len(self.plain.lan.tap.written), 1)
         [toward_plain] = [s for s in self.lab.hub.describe_sessions() if s["user"] == "u2"]
         self.assertEqual(toward_plain["bad_frames"], 1)
 
@@ -415,11 +415,11 @@ class MixedOffload(SynchronousTestCase):
         fast, plain = lab.card(1, offload=True), lab.card(2)
         self.assertEqual(fast.session.port.mac_offset, 0)  # the card converts to and from its TAP
         payload = b"q" * 3000
-        fast.tap.os_sends([self.gso(self.ipv4_tcp(payload), 1, 1000, 34)])
-        plain.tap.os_sends([frame(mac(1), mac(2), b"back")])
+        fast.lan.tap.os_sends([self.gso(self.ipv4_tcp(payload), 1, 1000, 34)])
+        plain.lan.tap.os_sends([frame(mac(1), mac(2), b"back")])
         lab.network.pump()
-        self.assertEqual(b"".join(s[54:] for s in plain.tap.written), payload)
-        self.assertEqual(fast.tap.written, [b"\0" * 10 + frame(mac(1), mac(2), b"back")])
+        self.assertEqual(b"".join(s[54:] for s in plain.lan.tap.written), payload)
+        self.assertEqual(fast.lan.tap.written, [b"\0" * 10 + frame(mac(1), mac(2), b"back")])
 
 
 class SlowLogin(SynchronousTestCase):
@@ -442,13 +442,13 @@ class SlowLogin(SynchronousTestCase):
     def test_frames_flow_while_a_password_is_checked(self):
         c = self.lab.card(3)
         self.assertEqual(len(self.checks), 1)
-        self.a.tap.os_sends([frame(BROADCAST, mac(1), b"meanwhile")])
+        self.a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"meanwhile")])
         self.lab.network.pump()
-        self.assertEqual(payloads(self.b.tap), [b"meanwhile"])
+        self.assertEqual(payloads(self.b.lan.tap), [b"meanwhile"])
         d, f, args = self.checks.pop()
         d.callback(f(*args))
         self.lab.network.pump()
-        self.assertTrue(c.tap.carrier)
+        self.assertTrue(c.lan.tap.carrier)
 
     def test_card_leaves_during_the_password_check(self):
         self.lab.card(3)

@@ -32,7 +32,7 @@ class Keepalive(SynchronousTestCase):
         original = self.conn.ct.write
         self.conn.ct.write = lambda d: (nulls.append(d) if d[4] == wire.NULL else None, original(d))
         for _ in range(60):
-            self.card.tap.os_sends([frame(BROADCAST, mac(1))])
+            self.card.lan.tap.os_sends([frame(BROADCAST, mac(1))])
             self.lab.network.run(1, step=0.5)
         self.assertEqual(nulls, [])
 
@@ -87,7 +87,7 @@ class Life(SynchronousTestCase):
         self.assertIsNotNone(raw.protocols[-1].lost)
         self.assertEqual(conn.server.reason, "HELLO message of 65542 bytes exceeds the 16390-byte limit")
         # a card that is in may send large messages
-        self.card.tap.os_sends([frame(BROADCAST, mac(1), b"x" * 60000)] * 3)
+        self.card.lan.tap.os_sends([frame(BROADCAST, mac(1), b"x" * 60000)] * 3)
         self.lab.network.pump()
         self.assertTrue(self.hub_link.open)
 

@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from sevpn.accounts import Account
-from sevpn.card import Card
+from sevpn.card import Card, NicSide
 from sevpn.cardservice import tls_endpoint_for
 from sevpn.hubservice import HubService
 from sevpn.users import HubState
@@ -44,7 +44,7 @@ class RealTLS(TestCase):
         self.cards = []
 
     def card(self, ca_file=None, server_name=None):
-        card = Card(reactor, FakeTap(reactor), mac(1), tls_endpoint_for(reactor))
+        card = Card(reactor, NicSide(FakeTap(reactor)), mac(1), tls_endpoint_for(reactor))
         account = Account(name="t", hub=f"127.0.0.1:{self.port}", user="alice", password="pw",
                           ca_file=ca_file or os.path.join(self.dir, "ca.pem"), server_name=server_name)
         card.connect(account)
@@ -55,7 +55,7 @@ class RealTLS(TestCase):
     def test_connect_and_goodbye(self):
         card = self.card()
         yield eventually(lambda: card.state == "connected", "the card to connect")
-        self.assertTrue(card.tap.carrier)
+        self.assertTrue(card.lan.tap.carrier)
         self.assertEqual(len(self.service.hub.sessions), 1)
         done = card.disconnect()
         # the hub ends the session on the goodbye, not after a timeout
@@ -68,7 +68,7 @@ class RealTLS(TestCase):
         yield eventually(lambda: card.last_error, "a verification error")
         self.assertIn("certificate is not valid for impostor.example", card.last_error)
         self.assertEqual(card.state, "connecting")
-        self.assertFalse(card.tap.carrier)
+        self.assertFalse(card.lan.tap.carrier)
         self.assertEqual(self.service.hub.sessions, {})
 
     @inlineCallbacks
