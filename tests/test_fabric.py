@@ -521,6 +521,8 @@ class Fabric(FabricSystemTestCase):
         self.assertNotIn(mac, run(topo.node_ns(3), "bridge", "fdb", "show", "dev", tap))
 
     def test_broadcast_reaches_every_node_exactly_once(self):
+        from tests.netns import env
+
         topo = self.topo
         count = 20
         before = topo.ports[3].command("frames")["marked"]
@@ -529,7 +531,7 @@ class Fabric(FabricSystemTestCase):
         self.assertEqual(receiver.stdout.readline().strip(), b"ready")
         sent = subprocess.run(["ip", "netns", "exec", topo.host_ns(1), sys.executable, "-m", "tests.fabric_udp",
                                "send", topo.broadcast, "7002", str(count), self.MARKER],
-                              capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                              capture_output=True, text=True, timeout=30, env=env())
         self.assertEqual(sent.returncode, 0, sent.stderr)
         self.assertEqual(int(receiver.stdout.readline()), count)  # card host on node 2
         receiver.wait(10)
