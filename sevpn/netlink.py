@@ -193,13 +193,13 @@ def parse_ack(message: Message) -> Ack:
     if len(body) < _ERROR.size + _NLMSGHDR.size:
         raise NetlinkError(f"an acknowledgement of {len(body)} bytes is truncated")
     (error,) = _ERROR.unpack_from(body)
-    request_length, _, _, seq, _ = _NLMSGHDR.unpack_from(body, _ERROR.size)
+    request_length = _NLMSGHDR.unpack_from(body, _ERROR.size)[0]
     text = ""
     if message.flags & NLM_F_ACK_TLVS:
         echoed = _NLMSGHDR.size if message.flags & NLM_F_CAPPED else _align(request_length)
         raw = _attributes(body, _ERROR.size + echoed).get(NLMSGERR_ATTR_MSG, b"")
         text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return Ack(seq, -error, text)
+    return Ack(message.seq, -error, text)
 
 
 def parse_neigh(message: Message) -> Neighbour:
