@@ -178,6 +178,14 @@ class FabricTopology:
             self.frr[i] = FrrInstance(self.nodes[i], netns=self.node_ns(i))
             self.frr[i].start()
 
+    def converged(self) -> bool:
+        """Every node's sessions are up and it floods to every other node, and nothing disagrees."""
+        for i in self.frr:
+            view = self.frr[i].status(self.runner(i))
+            if view["problems"] or len(view["segments"][0]["remote_vteps"]) != self.count - 1:
+                return False
+        return True
+
     def add_card_host(self, i: int) -> str:
         """A stand-in card host on node i: its own namespace, on a veth port of the node bridge."""
         ns = self.host_ns(i)
