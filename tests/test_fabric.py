@@ -9,6 +9,7 @@ trimmed to a few entries.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -18,11 +19,13 @@ import time
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sevpn.fabric import (
-    FabricError, FabricNode, Segment, describe, fabric, fabric_down, fabric_up, format_status, frr_conf,
-    parse_bgp_summary, parse_evpn_macs, parse_evpn_vnis, parse_fabric_option, parse_fdb, parse_links, plan_attach,
-    plan_down, plan_up, zebra_conf,
+    FabricError, FabricNode, Segment, describe, fabric, fabric_attach, fabric_down, fabric_up, format_status,
+    frr_conf, parse_bgp_summary, parse_evpn_macs, parse_evpn_vnis, parse_fabric_option, parse_fdb, parse_links,
+    plan_attach, plan_down, plan_up, zebra_conf,
 )
 from sevpn.frr import command_runner
+from tests.fabric_topology import FabricTopology, run
+from tests.netns import env, sha256_file, wait_for
 
 LINKS = json.dumps([
     {"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP", "LOWER_UP"], "mtu": 65536, "operstate": "UNKNOWN"},
@@ -350,8 +353,6 @@ class FabricSystemTestCase(TestCase):
             except BaseException as e:
                 cls._error = e
                 raise
-            import atexit
-
             atexit.register(topo.close)
             try:
                 cls.start(topo)
@@ -395,14 +396,10 @@ class Fabric(FabricSystemTestCase):
 
     @classmethod
     def make(cls):
-        from tests.fabric_topology import FabricTopology
-
         return FabricTopology(3, reflectors=(3,))
 
     @classmethod
     def start(cls, topo):
-        from tests.netns import wait_for
-
         for i in (1, 2):
             topo.add_card_host(i)
         topo.add_hub_port(3, cls.MARKER)
@@ -438,8 +435,6 @@ class Fabric(FabricSystemTestCase):
         self.assertEqual([r["vtep"] for r in client["segments"][0]["remote_vteps"]], [topo.vtep(2), topo.vtep(3)])
 
     def test_ping_and_transfer_between_card_hosts(self):
-        from tests.netns import sha256_file
-
         topo = self.topo
         for src, dst in ((1, 2), (2, 1)):
             out = subprocess.run(["ip", "netns", "exec", topo.host_ns(src), "ping", "-c", "3", "-i", "0.2", "-W", "2",
@@ -466,8 +461,6 @@ class Fabric(FabricSystemTestCase):
         self.assertEqual(result["sha256"], sha256_file(data))
 
     def test_each_host_mac_is_an_evpn_route_on_the_other_node(self):
-        from tests.netns import wait_for
-
         topo = self.topo
         subprocess.run(["ip", "netns", "exec", topo.host_ns(1), "ping", "-c", "1", "-W", "2", topo.host_addr(2)],
                        capture_output=True, timeout=30)
@@ -480,9 +473,6 @@ class Fabric(FabricSystemTestCase):
             self.assertEqual(line.split()[1:3], ["local", f"c{here}"])
 
     def test_reflected_mac_reaches_the_other_nodes_and_leaves_again(self):
-        from tests.netns import wait_for
-        from tests.fabric_topology import run
-
         topo = self.topo
         port = topo.ports[3]
         tap = topo.nodes[3].segment(100).tap_name(0)
@@ -517,8 +507,6 @@ class Fabric(FabricSystemTestCase):
         self.assertNotIn(mac, run(topo.node_ns(3), "bridge", "fdb", "show", "dev", tap))
 
     def test_broadcast_reaches_every_node_exactly_once(self):
-        from tests.netns import env
-
         topo = self.topo
         count = 20
         before = topo.ports[3].command("frames")["marked"]
@@ -562,13 +550,9 @@ class Plans(FabricSystemTestCase):
 
     @classmethod
     def make(cls):
-        from tests.fabric_topology import FabricTopology
-
         return FabricTopology(1, frr=False)
 
     def test_up_attach_down(self):
-        from tests.fabric_topology import run
-
         topo = self.topo
         node, ns, go = topo.nodes[1], topo.node_ns(1), topo.runner(1)
         links = parse_links(run(ns, "ip", "-j", "-d", "link", "show"))
@@ -579,8 +563,6 @@ class Plans(FabricSystemTestCase):
         self.assertTrue(links["br-100"].up and links["vx-100"].up)
         self.assertEqual(fabric_up(node, "DEFAULT", go).commands, [])
         run(ns, "ip", "link", "add", "fbp", "type", "veth", "peer", "name", "fbq")
-        from sevpn.fabric import fabric_attach
-
         fabric_attach(node, 100, "fbp", go)
         plan = fabric_down(node, 100, go)
         self.assertEqual(plan.notes, ["kept bridge br-100: fbp still in it"])
@@ -593,8 +575,6 @@ class Plans(FabricSystemTestCase):
         self.assertEqual(fabric_down(node, 100, go).commands, [])
 
     def test_a_conflicting_device_is_a_sentence(self):
-        from tests.fabric_topology import run
-
         topo = self.topo
         ns = topo.node_ns(1)
         other = FabricNode("other", topo.vtep(1), (Segment("OTHER", 200, bridge="br-200", vxlan="fbvx"),))

@@ -12,6 +12,8 @@ from twisted.trial.unittest import TestCase
 
 from sevpn.fabric import FabricError, FabricNode, Segment
 from sevpn.frr import RUN_DIR, FrrError, FrrInstance, command_runner, node_status
+from tests.fabric_topology import FabricTopology, skip_reason
+from tests.netns import wait_for
 
 
 def netns_inode(pid: int) -> int:
@@ -22,8 +24,6 @@ class InstanceTests(TestCase):
     timeout = 60
 
     def setUp(self):
-        from tests.fabric_topology import FabricTopology
-
         self.topo = FabricTopology(1, frr=True)
         self.addCleanup(self.topo.close)
         self.ns = self.topo.node_ns(1)
@@ -78,8 +78,6 @@ class InstanceTests(TestCase):
     def test_status_names_a_daemon_that_does_not_answer(self):
         instance = self.start()
         os.kill(instance._pid("bgpd"), 15)
-        from tests.netns import wait_for
-
         wait_for(lambda: not os.path.exists(os.path.join(RUN_DIR, instance.name, "bgpd.vty")) or
                  "bgpd is not running" in _vtysh_error(instance), 10, "bgpd to stop")
         view = node_status(self.node, instance.vtysh, command_runner(self.ns))
@@ -99,8 +97,6 @@ def _vtysh_error(instance) -> str:
 
 class RunnerTests(TestCase):
     def test_a_failed_command_is_a_sentence(self):
-        from tests.fabric_topology import skip_reason
-
         if skip_reason(need_frr=False):
             self.skipTest(skip_reason(need_frr=False))
         e = self.assertRaises(FabricError, command_runner(), ["ip", "link", "show", "fb-no-such-device"])

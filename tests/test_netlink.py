@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import socket
-import subprocess
 import sys
 
 from hypothesis import given, strategies as st
@@ -21,6 +20,7 @@ from sevpn.netlink import (
     Ack, FdbReflector, Message, NetlinkError, encode_ack, encode_fdb_add, encode_fdb_delete, parse_ack,
     parse_messages, parse_neigh,
 )
+from tests.fabric_topology import FabricTopology, run
 
 MAC = bytes.fromhex("0200000000aa")
 
@@ -241,8 +241,6 @@ class KernelTests(TestCase):
     timeout = 60
 
     def setUp(self):
-        from tests.fabric_topology import FabricTopology
-
         self.topo = FabricTopology(1, frr=False)
         self.addCleanup(self.topo.close)
         self.ns = self.topo.node_ns(1)
@@ -250,13 +248,9 @@ class KernelTests(TestCase):
         self.tap = self.topo.nodes[1].segment(100).tap_name(0)
 
     def fdb(self, dev):
-        from tests.fabric_topology import run
-
         return {e["mac"]: e for e in json.loads(run(self.ns, "bridge", "-j", "fdb", "show", "dev", dev))}
 
     def test_entries_are_those_of_bridge_fdb_add_static(self):
-        from tests.fabric_topology import run
-
         self.port.command("add 02:fb:00:00:00:01")
         self.assertEqual(self.port.command("sync")["added"], 1)
         run(self.ns, "bridge", "fdb", "add", "02:fb:00:00:00:02", "dev", self.tap, "master", "static")
@@ -271,8 +265,6 @@ class KernelTests(TestCase):
         self.assertNotIn("02:fb:00:00:00:01", self.fdb(self.tap))
 
     def test_takes_over_an_entry_the_bridge_learned_but_never_removes_another_ports(self):
-        from tests.fabric_topology import run
-
         run(self.ns, "ip", "link", "add", "fbl", "type", "veth", "peer", "name", "fbm")
         run(self.ns, "ip", "link", "set", "fbl", "master", "br-100", "up")
         # fbm stays down: a frame from it would teach the bridge the MAC again (a static entry is
@@ -291,8 +283,6 @@ class KernelTests(TestCase):
         self.assertIn("02:fb:00:00:00:04", self.fdb("fbl"))
 
     def test_a_tap_outside_the_bridge_is_reported(self):
-        from tests.fabric_topology import run
-
         run(self.ns, "ip", "link", "set", self.tap, "nomaster")
         self.port.command("add 02:fb:00:00:00:05")
         self.assertEqual(self.port.command("sync")["failed"], 1)
