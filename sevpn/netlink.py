@@ -313,6 +313,7 @@ class FdbReflector:
             raise ValueError(f"a MAC is 6 bytes, not {len(mac)}")
         if mac in self._pending:
             self._pending[mac] = op
+            self._schedule()
             return
         if len(self._pending) >= self.max_pending:
             self.dropped += 1
