@@ -17,8 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sevpn.fabric import format_status, frr_conf  # noqa: E402
-from tests.fabric_topology import VNI, FabricTopology, skip_reason  # noqa: E402
-from tests.netns import wait_for  # noqa: E402
+from scripts.fabric_topology import VNI, FabricTopology, skip_reason  # noqa: E402
+from scripts.netns import wait_for  # noqa: E402
 
 
 def step(text):

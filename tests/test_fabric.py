@@ -24,8 +24,8 @@ from sevpn.fabric import (
     plan_attach, plan_down, plan_up, zebra_conf,
 )
 from sevpn.frr import command_runner
-from tests.fabric_topology import FabricTopology, run
-from tests.netns import env, sha256_file, wait_for
+from scripts.fabric_topology import FabricTopology, run
+from scripts.netns import env, sha256_file, wait_for
 
 LINKS = json.dumps([
     {"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP", "LOWER_UP"], "mtu": 65536, "operstate": "UNKNOWN"},
@@ -445,11 +445,11 @@ class Fabric(FabricSystemTestCase):
             for _ in range(8):
                 f.write(os.urandom(1 << 20))
         result_path = os.path.join(topo.dir, "transfer.json")
-        server = topo.spawn(topo.host_ns(2), "serve", sys.executable, "-m", "tests.transfer", "serve",
+        server = topo.spawn(topo.host_ns(2), "serve", sys.executable, "-m", "scripts.transfer", "serve",
                             topo.host_addr(2), "7001", result_path)
         time.sleep(0.3)
         start = time.monotonic()
-        sender = topo.spawn(topo.host_ns(1), "send", sys.executable, "-m", "tests.transfer", "send",
+        sender = topo.spawn(topo.host_ns(1), "send", sys.executable, "-m", "scripts.transfer", "send",
                             topo.host_addr(2), "7001", data)
         self.assertEqual(sender.wait(60), 0, topo.log("send"))
         server.wait(30)
@@ -510,10 +510,10 @@ class Fabric(FabricSystemTestCase):
         topo = self.topo
         count = 20
         before = topo.ports[3].command("frames")["marked"]
-        receiver = topo.spawn(topo.host_ns(2), "count", sys.executable, "-m", "tests.fabric_udp", "count",
+        receiver = topo.spawn(topo.host_ns(2), "count", sys.executable, "-m", "scripts.fabric_udp", "count",
                               "7002", "4", self.MARKER)
         self.assertEqual(receiver.stdout.readline().strip(), b"ready")
-        sent = subprocess.run(["ip", "netns", "exec", topo.host_ns(1), sys.executable, "-m", "tests.fabric_udp",
+        sent = subprocess.run(["ip", "netns", "exec", topo.host_ns(1), sys.executable, "-m", "scripts.fabric_udp",
                                "send", topo.broadcast, "7002", str(count), self.MARKER],
                               capture_output=True, text=True, timeout=30, env=env())
         self.assertEqual(sent.returncode, 0, sent.stderr)

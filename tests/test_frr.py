@@ -12,8 +12,8 @@ from twisted.trial.unittest import TestCase
 
 from sevpn.fabric import FabricError, FabricNode, Segment
 from sevpn.frr import RUN_DIR, FrrError, FrrInstance, command_runner, node_status
-from tests.fabric_topology import FabricTopology, skip_reason
-from tests.netns import wait_for
+from scripts.fabric_topology import FabricTopology, skip_reason
+from scripts.netns import wait_for
 
 
 def netns_inode(pid: int) -> int:

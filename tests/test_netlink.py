@@ -20,7 +20,7 @@ from sevpn.netlink import (
     Ack, FdbReflector, Message, NetlinkError, encode_ack, encode_fdb_add, encode_fdb_delete, parse_ack,
     parse_messages, parse_neigh,
 )
-from tests.fabric_topology import FabricTopology, run
+from scripts.fabric_topology import FabricTopology, run
 
 MAC = bytes.fromhex("0200000000aa")
 

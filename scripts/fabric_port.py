@@ -10,7 +10,7 @@ stdin, one per line, and answers each with one JSON line:
     frames                   -> {"frames": N, "marked": M}: frames read from the TAP,
                                 and how many of them contain the marker
 
-    python -m tests.fabric_port TAP MARKER
+    python -m scripts.fabric_port TAP MARKER
 """
 
 from __future__ import annotations

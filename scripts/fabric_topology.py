@@ -9,7 +9,7 @@ also on failure.
       segment's bridge br-100 with vx-100, and the stand-ins for hub ports:
         - a "card host" (its own namespace, 192.168.X.N/24) on a veth
           port, where the hub's TAP port will be;
-        - or a stand-in hub worker (tests/fabric_port.py): a TAP held open
+        - or a stand-in hub worker (scripts/fabric_port.py): a TAP held open
           by a process that reflects MACs into the bridge over rtnetlink.
 
 Traffic goes only to addresses inside these namespaces.
@@ -31,7 +31,7 @@ from twisted.trial.unittest import SkipTest
 
 from sevpn.fabric import FabricNode, Segment, fabric, fabric_attach, fabric_up
 from sevpn.frr import FrrInstance, command_runner, frr_unavailable
-from tests.netns import env, wait_for
+from scripts.netns import env, wait_for
 
 VNI = 100
 PASSWORD = "fabric-test-secret"
@@ -58,13 +58,13 @@ def run(ns: Optional[str], *argv: str, check: bool = True, timeout: float = 60) 
 
 
 class HubPort:
-    """A stand-in hub worker (tests/fabric_port.py) in a node namespace, driven over its stdin."""
+    """A stand-in hub worker (scripts/fabric_port.py) in a node namespace, driven over its stdin."""
 
     def __init__(self, ns: str, tap: str, marker: str, log_path: str) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.fabric_port", tap, marker],
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "scripts.fabric_port", tap, marker],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env(), start_new_session=True,
         )
         wait_for(lambda: tap in run(ns, "ip", "-o", "link", "show", check=False) or self.proc.poll() is not None,

@@ -1,8 +1,8 @@
 """
 Broadcast counting for the fabric system tests.
 
-    python -m tests.fabric_udp count PORT SECONDS MARKER   # prints how many datagrams with MARKER arrived
-    python -m tests.fabric_udp send ADDRESS PORT N MARKER  # sends N broadcast datagrams
+    python -m scripts.fabric_udp count PORT SECONDS MARKER   # prints how many datagrams with MARKER arrived
+    python -m scripts.fabric_udp send ADDRESS PORT N MARKER  # sends N broadcast datagrams
 """
 
 import socket
