@@ -17,10 +17,16 @@ TAP_NAME = "sevpn0"
 #: How long a session whose link broke without a goodbye is kept, on both
 #: ends (SoftEther's "about 60 seconds").
 RESUME_WINDOW = 60.0
-#: A card must finish its hello, and the hub must answer it, within this.
-HANDSHAKE_TIMEOUT = 15.0
+#: A card must finish TLS and its hello, and the hub must answer it, within
+#: this: a connection that has not logged in holds little for long.
+HANDSHAKE_TIMEOUT = 10.0
 #: At most this many sessions per hub process.
 MAX_SESSIONS = 4096
+#: At most this many sessions per user of a virtual hub, connected or held
+#: (SoftEther's multiple-logins policy); a user's own policy may say otherwise.
+MAX_SESSIONS_PER_USER = 4
+#: What the send logs of all a hub's sessions may hold together.
+RESUME_MEMORY = 256 * 1024 * 1024
 #: Seconds before an unused MAC table entry is forgotten.
 MAC_AGE = 300.0
 #: Bytes of frames held per session and direction for resumption.  During

@@ -21,12 +21,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from sevpn import defaults, wire
+from sevpn.guard import LoginGuard, SourceSummary
 from sevpn.mac import InvalidMAC, format_mac, parse_mac
 from sevpn.port import SessionPort
-from sevpn.sequencing import DEFAULT_LIMIT
+from sevpn.sequencing import DEFAULT_LIMIT, Budget
 from sevpn.session import ILink, Session
-from sevpn.switch import DEFAULT_MAX_AGE, Conflict, VirtualHub
-from sevpn.timing import LoginThrottle
+from sevpn.switch import DEFAULT_MAX_AGE, DEFAULT_MAX_MACS, Conflict, VirtualHub
 from sevpn.users import HubState
 from sevpn.wire import Refusal
 
@@ -47,9 +47,9 @@ class HubSession(Session):
 
     def __init__(
         self, hub: "Hub", vhub: VirtualHub, user: str, session_id: str, token: bytes,
-        card_mac: Optional[bytes], offload: bool = False,
+        card_mac: Optional[bytes], offload: bool = False, max_macs: int = 0,
     ) -> None:
-        super().__init__(hub.buffer_limit)
+        super().__init__(hub.buffer_limit, hub.budget)
         self.hub = hub
         self.vhub = vhub
         self.user = user
@@ -58,7 +58,7 @@ class HubSession(Session):
         self.card_mac = card_mac
         #: Frames to and from this card carry a virtio_net_hdr (kernel offload).
         self.offload = offload
-        self.port = SessionPort(session_id, self, hub.clock, mac_offset=10 if offload else 0)
+        self.port = SessionPort(session_id, self, hub.clock, mac_offset=10 if offload else 0, max_macs=max_macs)
         self.started = hub.clock.seconds()
         self.peer = ""
         self.expiry = None
@@ -102,10 +102,18 @@ class Hub:
         max_age: float = DEFAULT_MAX_AGE,
         max_sessions: int = defaults.MAX_SESSIONS,
         verify=maybeDeferred,
-        throttle: Optional[LoginThrottle] = None,
+        guard: Optional[LoginGuard] = None,
+        max_sessions_per_user: int = defaults.MAX_SESSIONS_PER_USER,
+        max_macs_per_session: int = DEFAULT_MAX_MACS,
+        resume_memory: int = defaults.RESUME_MEMORY,
     ) -> None:
         self.verify = verify
-        self.throttle = throttle or LoginThrottle()
+        self.guard = guard or LoginGuard()
+        self.summary = SourceSummary()
+        self.max_sessions_per_user = max_sessions_per_user
+        self.max_macs_per_session = max_macs_per_session
+        #: What all sessions' send logs may hold together (held ones first to go).
+        self.budget = Budget(resume_memory)
         self.state = state
         self.clock = clock
         self.resume_window = resume_window
@@ -115,13 +123,16 @@ class Hub:
         self.vhubs: Dict[str, VirtualHub] = {}
         self.sessions: Dict[str, HubSession] = {}
         self.refusals = 0
+        #: Refused logins by refusal code.
+        self.refusals_by_code: Dict[str, int] = {}
         self._sweep_call = None
 
     def vhub(self, name: str) -> VirtualHub:
         vhub = self.vhubs.get(name)
         if vhub is None:
             vhub = self.vhubs[name] = VirtualHub(
-                name, self.clock.seconds, max_age=self.max_age, on_conflict=self._conflict
+                name, self.clock.seconds, max_age=self.max_age, max_macs_per_port=self.max_macs_per_session,
+                on_conflict=self._conflict,
             )
         return vhub
 
@@ -134,6 +145,11 @@ class Hub:
         self._sweep_call = self.clock.callLater(SWEEP_INTERVAL, self._sweep)
         for vhub in self.vhubs.values():
             vhub.expire()
+        for address, count in self.summary.due(self.clock.seconds()):
+            self.log.warn(
+                "refused {count} more logins from {address} in the last {interval:g} s",
+                count=count, address=address, interval=self.summary.interval,
+            )
 
     # joining ---------------------------------------------------------------
 
@@ -141,34 +157,38 @@ class Hub:
         """
         Check a hello's credentials: a Deferred that fails with L{Refused}.
         The slow hash runs where C{self.verify} puts it (a thread, in the
-        hub service), so logins never stall the frames of other sessions.
+        hub service), so logins never stall the frames of other sessions;
+        L{LoginGuard} decides first whether it runs at all.
         """
         if hello.password is None:
-            return fail(Refused(Refusal.BAD_HELLO))
-        now = self.clock.seconds()
-        wait = self.throttle.blocked_for(address, now)
-        if wait:
-            self.refusals += 1
-            self.log.warn(
-                "refused {user} from {peer}: too many failed logins from this address ({wait:.0f} s to go)",
-                user=wire.quote(hello.user), peer=peer, wait=wait,
-            )
-            return fail(Refused(Refusal.THROTTLED))
+            return fail(self._refuse(peer, address, hello, Refusal.BAD_HELLO))
+        wait = self.guard.begin(address, hello.user, self.clock.seconds())
+        if wait is not None:
+            return fail(self._refuse(peer, address, hello, Refusal.THROTTLED))
 
         def checked(code):
-            if code is None:
-                self.throttle.succeeded(address)
-                return
-            self.throttle.failed(address, self.clock.seconds())
-            self.refusals += 1
-            self.log.warn(
-                "refused {user} from {peer} on virtual hub {hub}: {why}",
-                user=wire.quote(hello.user), peer=peer, hub=wire.quote(hello.hub), why=Refusal.MESSAGES[code],
-            )
-            raise Refused(code)
+            self.guard.end(address, hello.user, code is None, self.clock.seconds())
+            if code is not None:
+                raise self._refuse(peer, address, hello, code)
+
+        def broke(failure):
+            self.guard.end(address, hello.user, False, self.clock.seconds())
+            return failure
 
         d = self.verify(self.state.authenticate, hello.hub, hello.user, hello.password.encode("utf-8"))
-        return d.addCallback(checked)
+        return d.addCallbacks(checked, broke)
+
+    def _refuse(self, peer: str, address: str, hello: Optional[wire.Hello], code: str) -> Refused:
+        """Count and log (once per address per interval) a refusal; the exception to raise."""
+        self.refusals += 1
+        self.refusals_by_code[code] = self.refusals_by_code.get(code, 0) + 1
+        if self.summary.note(address, self.clock.seconds()):
+            self.log.warn(
+                "refused {user} from {peer} on virtual hub {hub}: {why}",
+                user=wire.quote(hello.user) if hello else "?", peer=peer,
+                hub=wire.quote(hello.hub) if hello else "?", why=Refusal.MESSAGES[code],
+            )
+        return Refused(code)
 
     def join(self, peer: str, hello: wire.Hello) -> Tuple[HubSession, bool, int]:
         """
@@ -198,12 +218,17 @@ class Hub:
             card_mac = None
         if card_mac is not None:
             self._end_replaced(hello.user, hello.hub, card_mac)
+        address = peer.rsplit(":", 1)[0].strip("[]")
         if len(self.sessions) >= self.max_sessions:
-            raise Refused(Refusal.HUB_FULL)
+            raise self._refuse(peer, address, hello, Refusal.HUB_FULL)
+        policy = self.state.policy(hello.hub, hello.user)
+        limit = policy.get("max_sessions") or self.max_sessions_per_user
+        if limit and sum(1 for s in self.sessions.values() if s.user == hello.user and s.vhub.name == hello.hub) >= limit:
+            raise self._refuse(peer, address, hello, Refusal.TOO_MANY_SESSIONS)
         vhub = self.vhub(hello.hub)
         session = HubSession(
             self, vhub, hello.user, os.urandom(8).hex(), os.urandom(32), card_mac,
-            wire.FEATURE_OFFLOAD in hello.features,
+            wire.FEATURE_OFFLOAD in hello.features, max_macs=policy.get("max_macs") or 0,
         )
         session.peer = peer
         self.sessions[session.id] = session
@@ -291,6 +316,7 @@ class Hub:
         self.sessions.pop(session.id, None)
         session.vhub.remove_port(session.port)
         session.port.close()
+        session.close()
         self.log.info(
             "session {id} of {user} on {hub} ended: {why}",
             id=session.id, user=session.user, hub=session.vhub.name, why=why,

@@ -13,14 +13,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from sevpn import defaults, wire
+from sevpn.guard import Admission, SourceSummary
 from sevpn.hub import Hub, HubSession, Refused
 from sevpn.link import Link
 from sevpn.timing import Keepalive
 from sevpn.wire import Refusal
-
-#: At most this many connections may be in their handshake at once; more
-#: are turned away at once (a connection flood must not exhaust the hub).
-MAX_HANDSHAKES = 256
 
 
 class HubLink(Link):
@@ -34,7 +31,7 @@ class HubLink(Link):
         self._handshake_call = None
 
     def connectionMade(self) -> None:
-        self._admitted = self.factory.admit()
+        self._admitted = self.factory.admit(self.peer_address())
         if not self._admitted:
             self.open = False
             self.transport.abortConnection()
@@ -52,7 +49,7 @@ class HubLink(Link):
         self._handshake_call = None
         if self._admitted:
             self._admitted = False
-            self.factory.handshake_over()
+            self.factory.handshake_over(self.peer_address())
 
     def _handshake_overdue(self) -> None:
         self._handshake_call = None
@@ -98,34 +95,44 @@ class HubLink(Link):
 
 
 class HubLinkFactory(Factory):
-    """Builds L{HubLink}s and bounds how many are in their handshake."""
+    """
+    Builds L{HubLink}s.  Connections that have not logged in are bounded
+    per address and in all (L{sevpn.guard.Admission}): one address's flood
+    is turned away at accept, before TLS, without touching anyone else.
+    """
 
     noisy = False
 
     log = Logger()
 
-    def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive) -> None:
+    def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive,
+                 admission: Optional[Admission] = None) -> None:
         self.hub = hub
         self.clock = clock
         self.keepalive = keepalive
-        self.handshaking = 0
-        self.turned_away = 0
+        self.admission = admission or Admission()
+        self._summary = SourceSummary()
 
-    def admit(self) -> bool:
-        """May one more connection start its handshake?"""
-        if self.handshaking >= MAX_HANDSHAKES:
-            self.turned_away += 1
-            if self.turned_away & (self.turned_away - 1) == 0:  # 1, 2, 4, 8, ...: a flood floods no log
-                self.log.warn(
-                    "turned a connection away: {n} are still in their handshake (the limit); {total} so far",
-                    n=self.handshaking, total=self.turned_away,
-                )
-            return False
-        self.handshaking += 1
-        return True
+    @property
+    def handshaking(self) -> int:
+        return self.admission.handshaking
 
-    def handshake_over(self) -> None:
-        self.handshaking -= 1
+    @property
+    def turned_away(self) -> int:
+        return self.admission.turned_away
+
+    def admit(self, address: str) -> bool:
+        """May one more connection from C{address} start its handshake?"""
+        now = self.clock.seconds()
+        why = self.admission.admit(address, now)
+        if why is None:
+            return True
+        if self._summary.note(address, now):
+            self.log.warn("turned a connection from {address} away: {why}", address=address, why=why)
+        return False
+
+    def handshake_over(self, address: str) -> None:
+        self.admission.done(address)
 
     def buildProtocol(self, addr) -> HubLink:
         link = HubLink(self.hub, self.clock, self.keepalive)

@@ -30,6 +30,12 @@ GSO_TCPV6 = 4
 GSO_ECN = 0x80
 
 PLAIN_HEADER = bytes(HEADER_SIZE)  # "a complete frame, checksums done"
+#: The smallest segment size a real TCP stack uses (Linux's TCP_MIN_MSS):
+#: a super-frame cut finer is an amplification attack, not traffic.
+MIN_GSO_SIZE = 88
+#: The most segments one super-frame may stand for: 64 KiB at an MSS of 536
+#: (the old default) is 123; a sender asking for more is refused.
+MAX_SEGMENTS = 128
 
 _ETH_P_IP = 0x0800
 _ETH_P_IPV6 = 0x86DD
@@ -78,8 +84,12 @@ def check(frame) -> tuple:
         if gso_type & GSO_ECN:
             raise BadFrame("ECN flag without segmentation")
     elif gso in (GSO_TCPV4, GSO_TCPV6):
-        if not flags & F_NEEDS_CSUM or gso_size == 0 or hdr_len > length:
+        if not flags & F_NEEDS_CSUM or hdr_len > length:
             raise BadFrame("inconsistent segmentation header")
+        if gso_size < MIN_GSO_SIZE:
+            raise BadFrame(f"segment size {gso_size} is below {MIN_GSO_SIZE}")
+        if length > hdr_len + gso_size * MAX_SEGMENTS:
+            raise BadFrame(f"a super-frame of more than {MAX_SEGMENTS} segments")
     else:
         raise BadFrame(f"unsupported segmentation type {gso_type:#x}")
     return flags, gso, gso_size, csum_start, csum_offset

@@ -13,7 +13,7 @@ side states what it received, the other resends what is missing.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, List, Sequence, Tuple
+from typing import Deque, List, Optional, Sequence, Tuple
 
 from sevpn import defaults, wire
 
@@ -22,6 +22,32 @@ DEFAULT_LIMIT = defaults.RESUME_BUFFER
 
 class SequenceError(Exception):
     """The peer acknowledged or resumed from a frame never sent."""
+
+
+class Budget:
+    """
+    The bytes all send logs of one hub may hold together.  A log that
+    waits for its session to resume draws from it like the others; when it
+    is spent, the oldest frames of the largest logs whose sessions are held
+    go first (their loss is counted when they resume), then the appending
+    log's own.  Reclaiming goes down to nine tenths of the limit, so the
+    logs are not scanned for every frame of a flood.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        #: Bytes dropped to stay within the budget.
+        self.reclaimed = 0
+        self.logs: set = set()
+
+    def reclaim(self, appender: "SendLog") -> None:
+        target = self.limit * 9 // 10
+        held = sorted((log for log in self.logs if not log.linked and log.bytes), key=lambda log: -log.bytes)
+        for log in held + [appender]:
+            if self.used <= target:
+                return
+            self.reclaimed += log.drop_oldest(self.used - target)
 
 
 class SendLog:
@@ -34,8 +60,13 @@ class SendLog:
     counted as dropped only if a resume shows the peer never got it.
     """
 
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, limit: int = DEFAULT_LIMIT, budget: Optional[Budget] = None) -> None:
         self.limit = limit
+        self.budget = budget
+        #: Whether a link carries the session now (the budget spares such logs).
+        self.linked = False
+        if budget is not None:
+            budget.logs.add(self)
         self.next_seq = 1
         self.acked = 0
         self.bytes = 0
@@ -54,11 +85,37 @@ class SendLog:
         first = self.next_seq
         self.next_seq += len(frames)
         self._chunks.append((first, len(frames), payload))
-        self.bytes += len(payload)
-        while self.bytes > self.limit and len(self._chunks) > 1:
-            old = self._chunks.popleft()[2]
-            self.bytes -= len(old)
+        self._grew(len(payload))
+        if self.bytes > self.limit:
+            self.drop_oldest(self.bytes - self.limit)
+        budget = self.budget
+        if budget is not None and budget.used > budget.limit:
+            budget.reclaim(self)
         return first, payload
+
+    def _grew(self, delta: int) -> None:
+        self.bytes += delta
+        if self.budget is not None:
+            self.budget.used += delta
+
+    def drop_oldest(self, nbytes: int) -> int:
+        """
+        Let go of the oldest payloads, at least C{nbytes} of them, keeping
+        the newest; return the bytes freed.
+        """
+        freed = 0
+        chunks = self._chunks
+        while freed < nbytes and len(chunks) > 1:
+            freed += len(chunks.popleft()[2])
+        self._grew(-freed)
+        return freed
+
+    def close(self) -> None:
+        """The session ended: its bytes go back to the budget."""
+        self._chunks.clear()
+        self._grew(-self.bytes)
+        if self.budget is not None:
+            self.budget.logs.discard(self)
 
     def ack(self, seq: int) -> None:
         """The peer has every frame up to C{seq}."""
@@ -68,8 +125,11 @@ class SendLog:
             return
         self.acked = seq
         chunks = self._chunks
+        freed = 0
         while chunks and chunks[0][0] + chunks[0][1] - 1 <= seq:
-            self.bytes -= len(chunks.popleft()[2])
+            freed += len(chunks.popleft()[2])
+        if freed:
+            self._grew(-freed)
 
     def resend_after(self, received: int) -> List[Tuple[int, bytes]]:
         """

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
-from sevpn.sequencing import DEFAULT_LIMIT, ReceiveLog, SendLog
+from sevpn.sequencing import DEFAULT_LIMIT, Budget, ReceiveLog, SendLog
 
 
 class ILink(Interface):
@@ -78,8 +78,8 @@ class Session:
 
     receiver = Attribute("The L{IReceiver} that takes arriving frames.")
 
-    def __init__(self, buffer_limit: int = DEFAULT_LIMIT) -> None:
-        self.sent = SendLog(buffer_limit)
+    def __init__(self, buffer_limit: int = DEFAULT_LIMIT, budget: Optional[Budget] = None) -> None:
+        self.sent = SendLog(buffer_limit, budget)
         self.received = ReceiveLog()
         self.receiver: Optional[IReceiver] = None
         self._links: List[ILink] = []
@@ -110,6 +110,7 @@ class Session:
         if link in self._links:
             return
         self._links.insert(0, link)
+        self.sent.linked = True
         if self._reading_paused:
             link.pause_reading()
         for first, payload in self.sent.resend_after(peer_received):
@@ -119,6 +120,12 @@ class Session:
         """C{link} is gone: frames are held until another link is used."""
         if link in self._links:
             self._links.remove(link)
+        self.sent.linked = bool(self._links)
+
+    def close(self) -> None:
+        """The session ended: let go of what it held."""
+        self._links = []
+        self.sent.close()
 
     # toward the peer ---------------------------------------------------------
 

@@ -25,6 +25,9 @@ be hostile):
    follows the latest sender instead, as a plain hardware switch does;
  - the table is bounded (C{max_entries}); a new MAC in a full table is
    refused in constant time (C{not_learned}) and its frame still forwarded;
+ - an offload port's virtio-net headers are checked as frames enter
+   (L{sevpn.offload.valid}: flags, segmentation type and size, checksum
+   position); a bad one is dropped and counted (C{bad_headers});
  - each destination is sent its frames on its own: one port's failure never
    keeps the others from theirs.
 
@@ -40,6 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 from twisted.logger import Logger
 
 from sevpn import defaults
+from sevpn import offload as vnet
 from sevpn.mac import format_mac
 from sevpn.port import IPort
 
@@ -110,6 +114,7 @@ class VirtualHub:
         self.mac_limit_drops = 0
         self.mac_conflicts = 0
         self.runts = 0
+        self.bad_headers = 0
         self.port_failures = 0
 
     # ports -----------------------------------------------------------------
@@ -143,9 +148,15 @@ class VirtualHub:
         now = self.clock()
         max_age = self.max_age
         last_src = None
+        valid = vnet.valid if offset else None
         for frame in frames:
             if len(frame) < shortest:
                 self.runts += 1
+                continue
+            if valid is not None and not valid(frame):
+                # Headers from the network are checked where they enter,
+                # not only before a kernel: no port relays a bad one.
+                self.bad_headers += 1
                 continue
             src = bytes(frame[offset + 6 : offset + 12])
             if src != last_src:
@@ -285,6 +296,7 @@ class VirtualHub:
             "mac_limit_drops": self.mac_limit_drops,
             "mac_conflicts": self.mac_conflicts,
             "runts": self.runts,
+            "bad_headers": self.bad_headers,
             "port_failures": self.port_failures,
             "macs": len(self.table),
         }

@@ -1,8 +1,8 @@
 """
 When to retry, when to send a keepalive, when to give up on a peer.
 
-Pure policies: each takes its randomness as a parameter, so the tests
-draw from a seeded source and the reactor only ever sees numbers.
+Pure policies: each takes its randomness (and time) as a parameter, so the
+tests draw from a seeded source and the reactor only ever sees numbers.
 """
 
 from __future__ import annotations
@@ -76,48 +76,28 @@ class Keepalive:
         return self.randbytes(low + int((high - low + 1) * self.random()))
 
 
-class LoginThrottle:
+class TokenBucket:
     """
-    Failed logins per source address.  After C{allowed} failures within
-    C{window} seconds an address is refused without a password check for
-    C{penalty} seconds, doubling with each further failure up to
-    C{max_penalty}: guessing gets slow, and costs the hub no scrypt work.
-    A success clears the address.  The table is bounded (oldest forgotten).
+    A rate with bursts: C{rate} tokens a second, at most C{burst} saved up.
+    L{take} spends tokens if there are enough; time comes in as a number.
     """
 
-    def __init__(
-        self,
-        allowed: int = 5,
-        window: float = 60.0,
-        penalty: float = 10.0,
-        max_penalty: float = 300.0,
-        max_entries: int = 10000,
-    ) -> None:
-        self.allowed = allowed
-        self.window = window
-        self.penalty = penalty
-        self.max_penalty = max_penalty
-        self.max_entries = max_entries
-        # address -> [failures, first failure, blocked until, current penalty]
-        self._entries: dict = {}
+    __slots__ = ("rate", "burst", "tokens", "stamp")
 
-    def blocked_for(self, address: str, now: float) -> float:
-        """Seconds this address is still refused (0: it may try)."""
-        entry = self._entries.get(address)
-        if entry is None or entry[2] <= now:
-            return 0.0
-        return entry[2] - now
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
 
-    def failed(self, address: str, now: float) -> None:
-        entry = self._entries.get(address)
-        if entry is None or now - entry[1] > max(self.window, entry[3]):
-            if entry is None and len(self._entries) >= self.max_entries:
-                del self._entries[next(iter(self._entries))]
-            entry = self._entries[address] = [0, now, 0.0, 0.0]
-        entry[0] += 1
-        if entry[0] >= self.allowed:
-            entry[3] = min(self.max_penalty, entry[3] * 2 if entry[3] else self.penalty)
-            entry[2] = now + entry[3]
-
-    def succeeded(self, address: str) -> None:
-        self._entries.pop(address, None)
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """Spend C{n} tokens if there are as many; False (nothing spent) if not."""
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp = now
+        if tokens >= n:
+            self.tokens = tokens - n
+            return True
+        self.tokens = tokens
+        return False

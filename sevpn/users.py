@@ -162,6 +162,17 @@ class HubState:
         del users[user]
         write_json(self._users_path(hub), {"users": users})
 
+    def policy(self, hub: str, user: str) -> dict:
+        """
+        The user's own limits (C{max_sessions}, C{max_macs}, ...), those
+        set in the users file; empty when none are, or no such user.
+        """
+        if not self.exists(hub):
+            return {}
+        record = self.users(hub).get(user)
+        policy = record.get("policy") if isinstance(record, dict) else None
+        return {k: v for k, v in policy.items() if type(v) is int and v >= 0} if isinstance(policy, dict) else {}
+
     def authenticate(self, hub: str, user: str, password: bytes) -> Optional[str]:
         """
         None if C{user} may join C{hub}; else the refusal's code, which is

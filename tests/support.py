@@ -50,7 +50,8 @@ class MemoryTransport:
 
     disconnecting = False
 
-    def __init__(self, network: "MemoryNetwork", port: int) -> None:
+    def __init__(self, network: "MemoryNetwork", port: int, host: str = "192.0.2.1") -> None:
+        self.host = host
         self.network = network
         self.buffer: List[bytes] = []
         self.peer_transport: Optional["MemoryTransport"] = None
@@ -86,7 +87,7 @@ class MemoryTransport:
         self.producer = None
 
     def getPeer(self):
-        return address.IPv4Address("TCP", "192.0.2.1", self.port)
+        return address.IPv4Address("TCP", self.host, self.port)
 
     def getHost(self):
         return address.IPv4Address("TCP", "192.0.2.2", 5555)
@@ -130,11 +131,11 @@ class MemoryNetwork:
         self.connections: List[Connection] = []
         self._ports = iter(range(40000, 60000))
 
-    def connect(self, factory):
+    def connect(self, factory, host: str = "192.0.2.1"):
         if not self.up:
             return fail(ConnectionRefusedError("the line is down"))
         port = next(self._ports)
-        ct, st = MemoryTransport(self, port), MemoryTransport(self, port)
+        ct, st = MemoryTransport(self, port, host), MemoryTransport(self, port, host)
         client = factory.buildProtocol(None)
         server = self.server_factory.buildProtocol(None)
         conn = Connection(client, server, ct, st)
@@ -170,6 +171,18 @@ class MemoryNetwork:
 
     def restore(self) -> None:
         self.up = True
+
+
+@implementer(IStreamClientEndpoint)
+class FromHost:
+    """The in-memory network, dialled from a given address."""
+
+    def __init__(self, network: "MemoryNetwork", host: str) -> None:
+        self.network = network
+        self.host = host
+
+    def connect(self, factory):
+        return self.network.connect(factory, self.host)
 
 
 class FakeTap(Port):
@@ -226,13 +239,14 @@ class Lab:
         write_json(os.path.join(self.state_dir, "hubs", hub, "users.json"), {"users": users_})
 
     def card(self, n: int, user: Optional[str] = None, password: str = "secret", hub: str = "DEFAULT",
-             connect: bool = True, **kw) -> Card:
+             connect: bool = True, host: str = "192.0.2.1", **kw) -> Card:
         user = user or f"u{n}"
         if (user, hub) not in self._users and password == "secret":
             self.user(user, hub=hub)
             self._users.add((user, hub))
         card = Card(
-            self.clock, NicSide(FakeTap(self.clock, kw.pop("offload", False))), mac(n), lambda account: self.network,
+            self.clock, NicSide(FakeTap(self.clock, kw.pop("offload", False))), mac(n),
+            lambda account: FromHost(self.network, host),
             keepalive=self.keepalive, resume_window=kw.pop("resume_window", self.resume_window),
             buffer_limit=self.buffer_limit, **kw,
         )

@@ -236,26 +236,45 @@ class HostileInput(SynchronousTestCase):
         self.lab.network.pump()
         self.assertTrue(self.b.lan.tap.carrier)
 
-    def test_connection_flood_is_turned_away(self):
-        from sevpn import hublink
-
-        self.patch(hublink, "MAX_HANDSHAKES", 2)  # the raw peer of setUp holds one
-        self.lab.network.connect(self.raw)
-        self.lab.network.connect(self.raw)
-        self.lab.network.pump()
-        third = self.raw.protocols[-1]
-        self.assertIsNotNone(third.lost)  # turned away at once
+    def test_connection_flood_from_one_address_is_turned_away(self):
         factory = self.lab.network.server_factory
-        self.assertEqual((factory.handshaking, factory.turned_away), (2, 1))
-        # the cards' sessions are untouched
+        attackers = RawFactory()
+        for _ in range(12):
+            self.lab.network.connect(attackers, host="198.51.100.66")
+        self.lab.network.pump()
+        turned_away = [p for p in attackers.protocols if p.lost is not None]
+        self.assertEqual(len(turned_away), 12 - factory.admission.per_address)
+        # a card from elsewhere still gets in, and the cards' sessions are untouched
+        card = self.lab.card(3, host="203.0.113.3")
+        self.assertTrue(card.lan.tap.carrier)
         self.a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"still here")])
         self.lab.network.pump()
         self.assertEqual(payloads(self.b.lan.tap), [b"still here"])
-        # once the silent ones time out, connections are admitted again
+        # once the silent ones time out, that address is admitted again
         self.lab.network.run(HANDSHAKE_TIMEOUT + 1, step=1)
         self.assertEqual(factory.handshaking, 0)
-        card = self.lab.card(3)
-        self.assertTrue(card.lan.tap.carrier)
+        self.lab.network.connect(attackers, host="198.51.100.66")
+        self.lab.network.pump()
+        self.assertIsNone(attackers.protocols[-1].lost)
+
+    def test_new_connections_per_second_are_bounded_per_address(self):
+        factory = self.lab.network.server_factory
+        attackers = RawFactory()
+        admitted = 0
+        for second in range(10):
+            for _ in range(17):
+                self.lab.network.connect(attackers, host="198.51.100.66")
+                self.lab.network.pump()
+                if attackers.protocols[-1].lost is None:
+                    admitted += 1
+                    attackers.protocols[-1].transport.loseConnection()  # it goes at once: only the rate binds
+                    self.lab.network.pump()
+            self.lab.clock.advance(1)
+        rate, burst = factory.admission.rate, factory.admission.burst
+        self.assertLessEqual(admitted, burst + 10 * rate)
+        # meanwhile every login from elsewhere went through
+        cards = [self.lab.card(10 + i, host=f"203.0.113.{10 + i}") for i in range(11)]
+        self.assertTrue(all(c.lan.tap.carrier for c in cards))
 
     def test_ack_of_never_sent_frame(self):
         self.lab.network.connections[0].ct.write(wire.encode_ack(10**6))
@@ -394,12 +413,15 @@ class MixedOffload(SynchronousTestCase):
     def test_plain_frames_gain_a_header_for_the_fast_card(self):
         self.assertEqual(self.fast.lan.tap.written, [b"\0" * 10 + frame(BROADCAST, mac(2), b"hi")])
 
-    def test_bad_header_is_dropped_and_counted(self):
-        self.fast.lan.tap.os_sends([b"\x40" + b"\0" * 9 + frame(mac(2), mac(1))])
+    def test_bad_header_is_dropped_where_it_enters(self):
+        """Not relayed to any card, offload or not: headers are checked at the hub's ingress."""
+        other_fast = self.lab.card(3, offload=True)
+        self.fast.lan.tap.os_sends([b"\x40" + b"\0" * 9 + frame(BROADCAST, mac(1)),
+                                    self.gso(self.ipv4_tcp(b"z" * 60000), 1, 1, 34)])
         self.lab.network.pump()
-        self.assertEqual(len(self.plain.lan.tap.written), 1)
-        [toward_plain] = [s for s in self.lab.hub.describe_sessions() if s["user"] == "u2"]
-        self.assertEqual(toward_plain["bad_frames"], 1)
+        self.assertEqual(len(self.plain.lan.tap.written), 1)  # only the broadcast of setUp
+        self.assertEqual(other_fast.lan.tap.written, [])
+        self.assertEqual(self.lab.hub.describe_macs()["DEFAULT"]["counters"]["bad_headers"], 2)
 
     def test_card_converts_when_the_hub_does_not_offer_offload(self):
         from sevpn.card import Card

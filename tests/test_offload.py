@@ -134,7 +134,17 @@ class Validation(SynchronousTestCase):
         # a sound header on the wrong kind of frame cannot be segmented
         v6_of_v4 = struct.pack(HDR, 1, vnet.GSO_TCPV6, 54, 100, 34, 16) + eth
         self.assertRaises(vnet.BadFrame, vnet.to_plain, v6_of_v4)
-        self.assertTrue(vnet.valid(gso(eth, vnet.GSO_TCPV4, 50, 34)))
+        self.assertTrue(vnet.valid(gso(eth, vnet.GSO_TCPV4, 100, 34)))
+
+    def test_amplification_is_refused(self):
+        """A super-frame cut absurdly fine would become tens of thousands of segments: refused."""
+        eth = ipv4_tcp(b"x" * 60000)
+        self.assertFalse(vnet.valid(gso(eth, vnet.GSO_TCPV4, 1, 34)))
+        self.assertRaises(vnet.BadFrame, vnet.to_plain, gso(eth, vnet.GSO_TCPV4, 1, 34))
+        self.assertFalse(vnet.valid(gso(eth, vnet.GSO_TCPV4, vnet.MIN_GSO_SIZE - 1, 34)))
+        self.assertFalse(vnet.valid(gso(eth, vnet.GSO_TCPV4, 400, 34)))  # 150 segments
+        self.assertTrue(vnet.valid(gso(eth, vnet.GSO_TCPV4, 536, 34)))  # 112: an old default MSS
+        self.assertEqual(len(vnet.to_plain(gso(eth, vnet.GSO_TCPV4, 536, 34))), 112)
 
     @given(st.binary(min_size=10, max_size=200))
     @settings(max_examples=500, deadline=None)

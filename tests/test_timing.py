@@ -51,37 +51,21 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertRaises(ValueError, Keepalive, (5, 10), timeout=8)
 
 
-class LoginThrottleTests(SynchronousTestCase):
-    def test_blocks_after_repeated_failures_and_doubles(self):
-        from sevpn.timing import LoginThrottle
+class TokenBuckets(SynchronousTestCase):
+    def test_rate_and_burst(self):
+        from sevpn.timing import TokenBucket
 
-        t = LoginThrottle(allowed=3, window=60, penalty=10, max_penalty=25)
-        for i in range(2):
-            t.failed("198.51.100.7", i)
-        self.assertEqual(t.blocked_for("198.51.100.7", 2), 0)
-        t.failed("198.51.100.7", 2)
-        self.assertEqual(t.blocked_for("198.51.100.7", 3), 9)
-        self.assertEqual(t.blocked_for("203.0.113.9", 3), 0)  # others unaffected
-        self.assertEqual(t.blocked_for("198.51.100.7", 12), 0)
-        t.failed("198.51.100.7", 12)
-        self.assertEqual(t.blocked_for("198.51.100.7", 12), 20)  # doubled
-        t.failed("198.51.100.7", 33)
-        self.assertEqual(t.blocked_for("198.51.100.7", 33), 25)  # capped
-        t.succeeded("198.51.100.7")
-        self.assertEqual(t.blocked_for("198.51.100.7", 34), 0)
+        bucket = TokenBucket(rate=2, burst=3, now=0)
+        self.assertEqual([bucket.take(0) for _ in range(4)], [True, True, True, False])
+        self.assertFalse(bucket.take(0.4))
+        self.assertTrue(bucket.take(0.5))  # one token a half second
+        self.assertFalse(bucket.take(0.5))
+        self.assertEqual(sum(bucket.take(100) for _ in range(10)), 3)  # never more than the burst saved up
 
-    def test_old_failures_are_forgotten(self):
-        from sevpn.timing import LoginThrottle
+    def test_taking_several(self):
+        from sevpn.timing import TokenBucket
 
-        t = LoginThrottle(allowed=2, window=60)
-        t.failed("a", 0)
-        t.failed("a", 100)
-        self.assertEqual(t.blocked_for("a", 100), 0)
-
-    def test_table_is_bounded(self):
-        from sevpn.timing import LoginThrottle
-
-        t = LoginThrottle(max_entries=10)
-        for i in range(100):
-            t.failed(str(i), 0)
-        self.assertEqual(len(t._entries), 10)
+        bucket = TokenBucket(rate=1000, burst=1500, now=0)
+        self.assertTrue(bucket.take(0, 1500))
+        self.assertFalse(bucket.take(0.5, 600))  # 500 there: nothing spent
+        self.assertTrue(bucket.take(0.5, 500))
