@@ -92,6 +92,7 @@ class ParseProxyURL(SynchronousTestCase):
         self.assertEqual(
             self.assertRefused("ftp://x"), f"'ftp://x' is not a proxy URL {EXPECTED}")
         self.assertRefused("https://proxy:3128", "is not a proxy URL", EXPECTED)
+        self.assertRefused("socks5h://proxy:1080", "write socks5://")
         self.assertRefused("proxy:3128", "is not a proxy URL", EXPECTED)
         self.assertRefused("", "is not a proxy URL")
         self.assertRefused(None, "is not a proxy URL")
@@ -710,6 +711,8 @@ class ProxyNotThere(RealReactorTestCase):
         self.assertEqual(
             message, f"the proxy at 127.0.0.1:{port} did not open the tunnel to 127.0.0.1:5555 within 0.5 s")
 
+    test_proxy_that_never_answers.timeout = 20
+
 
 class _ThroughARealProxy:
     """What every proxy must do; subclasses start one and say what it answers."""
@@ -821,6 +824,14 @@ class TinyproxyWithoutCredentials(_ThroughARealProxy, RealReactorTestCase):
     def start_proxy(self):
         return proxy_servers.start_tinyproxy(self, self.dir, [self.echo_port, self.closed_port])
 
+    @inlineCallbacks
+    def test_proxy_by_host_name(self):
+        # "localhost" resolves here, to ::1 and 127.0.0.1; the proxy listens on the latter only
+        client = yield self.transfer(self.tls_endpoint(url=f"http://localhost:{self.proxy.port}"), size=1 << 16)
+        self.assertEqual(client.transport.transport.getPeer().host, "127.0.0.1")
+        client.transport.loseConnection()
+        yield client.lost
+
 
 class Squid(_ThroughARealProxy, RealReactorTestCase):
     programs = ("squid", "openssl")
@@ -900,3 +911,77 @@ class DanteWithUsers(_ThroughARealProxy, RealReactorTestCase):
         message = yield self.refusal(self.tls_endpoint(url=self.url(userinfo=f"{self.user}:guess@")))
         self.assertEqual(message, f"the SOCKS proxy did not accept the credentials of user '{self.user}' (check "
                                   "the user name and password in the proxy URL)")
+
+
+class CardThroughAProxy(RealReactorTestCase):
+    """
+    What the lead wires in, end to end: real cards reach a real hub (its
+    TLS, its verification, the link protocol) through tinyproxy, and a
+    refusal by the proxy is the card's last error.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        from sevpn.services import HubService
+        from sevpn.users import HubState
+
+        RealReactorTestCase.setUp(self)
+        proxy_servers.program("tinyproxy")
+        hub_dir = os.path.join(self.dir, "hub")
+        HubState(hub_dir).add_user("DEFAULT", "alice", b"pw")
+        self.hub = HubService(state_dir=hub_dir, listen=["tcp:0:interface=127.0.0.1"])
+        self.hub.startService()
+        self.addCleanup(self.hub.stopService)
+        self.ca = os.path.join(hub_dir, "ca.pem")
+        self.hub_port = self.hub.ports[0].getHost().port
+        self.proxy = yield proxy_servers.start_tinyproxy(self, self.dir, [self.hub_port], auth=("carol", "pw2"))
+
+    def card(self, n, proxy_url):
+        from sevpn.accounts import Account
+        from sevpn.card import Card
+        from sevpn.pki import client_tls_options
+        from sevpn.tls import TLSClientEndpoint
+        from tests.support import FakeTap, mac
+
+        def endpoint_for_account(account):
+            return TLSClientEndpoint(client_tls_options(account.ca_file, account.verify_name),
+                                     endpoint_for(reactor, proxy_url, account.host, account.port))
+
+        card = Card(reactor, FakeTap(), mac(n), endpoint_for_account)
+        card.connect(Account(name="t", hub=f"127.0.0.1:{self.hub_port}", user="alice", password="pw",
+                             ca_file=self.ca))
+        self.addCleanup(card.disconnect)
+        return card
+
+    @inlineCallbacks
+    def eventually(self, predicate, what, timeout=15.0):
+        from twisted.internet.task import deferLater
+
+        for _ in range(int(timeout / 0.02)):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    @inlineCallbacks
+    def test_frames_cross_the_hub_through_the_proxy(self):
+        from tests.support import BROADCAST, frame, mac
+
+        url = f"http://carol:pw2@127.0.0.1:{self.proxy.port}"
+        one, two = self.card(1, url), self.card(2, url)
+        yield self.eventually(lambda: one.state == two.state == "connected", "both cards to connect")
+        self.assertEqual(len(self.hub.hub.sessions), 2)
+        sent = frame(BROADCAST, mac(1), os.urandom(1000))
+        one.tap_frames([sent])
+        yield self.eventually(lambda: two.tap.written, "the frame to reach the other card")
+        self.assertEqual(two.tap.written, [sent])
+
+    @inlineCallbacks
+    def test_proxy_refusal_is_the_cards_last_error(self):
+        card = self.card(1, f"http://carol:guess@127.0.0.1:{self.proxy.port}")
+        yield self.eventually(lambda: card.last_error, "the card to give up an attempt")
+        self.assertEqual(card.last_error, "the proxy did not accept the credentials of user 'carol' (check the "
+                                          "user name and password in the proxy URL) (HTTP 401 Unauthorized)")
+        self.assertEqual(card.state, "connecting")  # and it keeps trying, as for an unreachable hub
+        self.assertFalse(card.tap.carrier)
+        self.assertEqual(self.hub.hub.sessions, {})
