@@ -140,6 +140,8 @@ def parse_proxy_url(text: str) -> ProxySpec:
     shown = _shown(text)
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
+    if scheme == "socks5h":
+        raise ValueError(f"{shown} is not a proxy URL: write socks5:// (the hub's name always resolves at the proxy)")
     if not sep or scheme not in (HTTP, SOCKS5):
         raise ValueError(f"{shown} is not a proxy URL ({_EXPECTED})")
     userinfo, at, hostport = rest.rpartition("@")
@@ -161,7 +163,8 @@ def parse_proxy_url(text: str) -> ProxySpec:
         if not username:
             raise ValueError(f"the proxy URL {shown} has credentials without a user name ({_EXPECTED})")
         if scheme == HTTP and ":" in username:
-            raise ValueError(f"the user name in the proxy URL {shown} holds a ':', which HTTP Basic credentials cannot carry")
+            raise ValueError(f"the user name in the proxy URL {shown} holds a ':', "
+                             "which HTTP Basic credentials cannot carry")
         if scheme == SOCKS5:
             for what, value in (("user name", username), ("password", password)):
                 if len(value.encode("utf-8")) > 255:
@@ -183,7 +186,8 @@ def _host_and_port(hostport: str, shown: str) -> Tuple[str, int]:
         if not colon:
             raise ValueError(f"the proxy URL {shown} has no port ({_EXPECTED})")
         if ":" in host:
-            raise ValueError(f"the proxy URL {shown} has an IPv6 address without brackets (write http://[2001:db8::1]:3128)")
+            raise ValueError(f"the proxy URL {shown} has an IPv6 address without brackets "
+                             "(write http://[2001:db8::1]:3128)")
         if not host:
             raise ValueError(f"the proxy URL {shown} has no host ({_EXPECTED})")
         if not _HOST_NAME.fullmatch(host):
