@@ -50,13 +50,18 @@ def free_port() -> int:
     raise RuntimeError("no free port on loopback")
 
 
+#: The Debian packages of the programs the tests run.
+_PACKAGES = {"danted": "dante-server", "useradd": "passwd", "userdel": "passwd", "chpasswd": "passwd"}
+
+
 def program(name: str) -> str:
     """The program's path; the test is skipped (saying why) without root or without it."""
     if os.geteuid() != 0:
         raise SkipTest(f"{name} runs as root in these tests (it drops privileges itself); not root")
     path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if path is None:
-        raise SkipTest(f"{name} is not installed (Debian: apt-get install tinyproxy dante-server squid)")
+        package = _PACKAGES.get(name, name)
+        raise SkipTest(f"{name} is not installed (Debian: apt-get install {package}; make test installs it)")
     return path
 
 
@@ -240,13 +245,12 @@ def system_user(testcase, password: str) -> str:
     /etc/passwd and /etc/shadow), removed by the test's cleanup.
     """
     for tool in ("useradd", "userdel", "chpasswd"):
-        if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
-            raise SkipTest(f"{tool} is not installed (Debian: passwd)")
+        program(tool)
     name = "pxsocks" + secrets.token_hex(4)
-    _retry_locked(["useradd", "--no-create-home", "--no-user-group", "--home-dir", "/nonexistent",
+    _retry_locked([program("useradd"), "--no-create-home", "--no-user-group", "--home-dir", "/nonexistent",
                    "--shell", "/usr/sbin/nologin", name])
-    testcase.addCleanup(_retry_locked, ["userdel", name])
-    subprocess.run(["chpasswd"], input=f"{name}:{password}\n".encode(), check=True, capture_output=True)
+    testcase.addCleanup(_retry_locked, [program("userdel"), name])
+    subprocess.run([program("chpasswd")], input=f"{name}:{password}\n".encode(), check=True, capture_output=True)
     return name
 
 
