@@ -22,7 +22,9 @@ Three layers, each usable alone:
    reaches the proxy with L{HostnameEndpoint}, runs the handshake, and only
    then builds the caller's protocol and connects it to the proxy's TCP
    transport itself, so TLS on top (L{sevpn.tls.TLSClientEndpoint}) runs
-   and verifies end to end, and keeps its fast path.
+   and verifies end to end, and keeps its fast path.  Each attempt is a
+   small state machine (connecting, handshaking, tunnel up, failed) with
+   one deadline for all of it.
 
 Not public API, fenced here: once the tunnel is up, the TCP transport's
 C{protocol} attribute (Twisted's C{tcp.Connection} delivers reads,
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 from urllib.parse import unquote
 
+from automat import MethodicalMachine
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -493,9 +496,10 @@ class _TunnelAttempt:
     """
     One C{ProxyEndpoint.connect()}: reach the proxy, run the handshake,
     then hand the stream to the caller's protocol.  C{result} fires once,
-    whatever happens first: the tunnel, a failure, the deadline, a cancel.
+    with whatever comes first: the tunnel, a failure, the deadline, a cancel.
     """
 
+    _machine = MethodicalMachine()
     log = Logger()
 
     def __init__(self, clock, spec: ProxySpec, handshake, factory, timeout: float) -> None:
@@ -504,65 +508,106 @@ class _TunnelAttempt:
         self.handshake = handshake
         self.factory = factory
         self.timeout = timeout
-        self.result = Deferred(self._cancel)
-        self.connecting: Optional[Deferred] = None
-        self.transport = None  # the proxy's, once connected
+        self.result = Deferred(lambda _: self.cancelled())
         self.heard = 0  # bytes from the proxy during the handshake
-        self.deadline = None
-        self.abandoned = False  # timed out or cancelled: what comes now is moot
+        self._connecting: Optional[Deferred] = None
+        self._deadline = None
+        self._wire: Optional[_HandshakeProtocol] = None
 
     def start(self, endpoint) -> Deferred:
-        self.deadline = self.clock.callLater(self.timeout, self._timed_out)
+        self._deadline = self.clock.callLater(self.timeout, self.deadline_passed)
         factory = Factory.forProtocol(lambda: _HandshakeProtocol(self))
         factory.noisy = False
-        connecting = endpoint.connect(factory)
-        if self.transport is None and not self.finished:
-            self.connecting = connecting  # still connecting: cancel this to give up
-        connecting.addErrback(self._not_connected)
+        self._connecting = endpoint.connect(factory)
+        self._connecting.addErrback(self.tcp_failed)
         return self.result
 
-    @property
-    def finished(self) -> bool:
-        return self.result.called
+    # the state machine -------------------------------------------------------
 
-    def connected(self, transport) -> bytes:
-        """The proxy answered the TCP connection: the first bytes to send it."""
-        self.connecting = None
-        self.transport = transport
-        return self.handshake.start()
+    @_machine.state(initial=True)
+    def connecting(self):
+        """Reaching the proxy over TCP."""
 
+    @_machine.state()
+    def handshaking(self):
+        """Connected to the proxy; asking it for the tunnel."""
+
+    @_machine.state()
+    def tunnel_up(self):
+        """The caller's protocol has the connection; this attempt is over."""
+
+    @_machine.state()
+    def failed(self):
+        """C{result} has failed (or was cancelled); the connection is going."""
+
+    @_machine.input()
+    def tcp_connected(self, wire: "_HandshakeProtocol"):
+        """The proxy took the TCP connection; C{wire} is our protocol on it."""
+
+    @_machine.input()
+    def tcp_failed(self, failure: Failure):
+        """The proxy could not be reached."""
+
+    @_machine.input()
     def received(self, data: bytes):
-        """
-        Bytes from the proxy during the handshake.
+        """Bytes from the proxy, before the tunnel is up."""
 
-        @return: C{(reply, tunnel)}: bytes for the proxy, and the tunnel's
-            leftover bytes once it is up (else C{None}).
-        """
+    @_machine.input()
+    def _tunnel_ready(self, protocol, leftover: bytes):
+        """The proxy opened the tunnel; C{protocol} is the caller's, built."""
+
+    @_machine.input()
+    def _broken(self, failure: Failure):
+        """The proxy refused, or the caller's factory gave no protocol."""
+
+    @_machine.input()
+    def lost(self, reason: Failure):
+        """The connection to the proxy closed before the tunnel was up."""
+
+    @_machine.input()
+    def deadline_passed(self):
+        """The tunnel is not up within the timeout."""
+
+    @_machine.input()
+    def cancelled(self):
+        """The caller cancelled C{result}; it fails with CancelledError."""
+
+    @_machine.output()
+    def _send_greeting(self, wire) -> None:
+        self._wire = wire
+        wire.transport.write(self.handshake.start())
+
+    @_machine.output()
+    def _feed(self, data: bytes) -> None:
         self.heard += len(data)
         try:
             done, leftover = self.handshake.feed(data)
-        except ProxyError as e:
-            self._fail(e)
-            self.transport.abortConnection()
-            return b"", None
-        return self.handshake.data_to_send(), (leftover if done else None)
-
-    def tunnel_up(self, handshake_protocol, leftover: bytes) -> None:
-        """Build the caller's protocol and give it the proxy's transport."""
-        transport = self.transport
-        self._stop_deadline()
+        except ProxyError:
+            self._broken(Failure())
+            return
+        reply = self.handshake.data_to_send()
+        if reply:
+            self._wire.transport.write(reply)
+        if not done:
+            return
         try:
-            protocol = self.factory.buildProtocol(transport.getPeer())
+            protocol = self.factory.buildProtocol(self._wire.transport.getPeer())
         except BaseException:
-            self._abort_with(Failure())
+            self._broken(Failure())
             return
         if protocol is None:
-            self._abort_with(Failure(error.NoProtocol()))
+            self._broken(Failure(error.NoProtocol()))
             return
+        self._tunnel_ready(protocol, leftover)
+
+    @_machine.output()
+    def _hand_over(self, protocol, leftover: bytes) -> None:
+        """Give the caller's protocol the proxy's transport itself."""
+        transport = self._wire.transport
         if ITCPTransport.providedBy(transport) and hasattr(transport, "protocol"):
             transport.protocol = protocol  # reads now reach it straight from the socket
         else:
-            handshake_protocol.relay_to = protocol
+            self._wire.relay_to = protocol
         self.log.info("tunnel to {target} through the proxy {proxy} is up",
                       target=self.handshake.target, proxy=self.spec.describe())
         try:
@@ -572,58 +617,71 @@ class _TunnelAttempt:
         finally:
             self.result.callback(protocol)
 
-    def lost(self, reason: Failure) -> None:
-        if self.finished:
-            return
-        self._stop_deadline()
-        if self.heard:
-            sentence = f"the proxy at {self.spec.address} closed the connection in the middle of its answer"
-        else:
-            sentence = f"the proxy at {self.spec.address} closed the connection without answering"
-        self.result.errback(ProxyError(sentence))
-
-    def _not_connected(self, failure: Failure) -> None:
-        if self.finished or self.abandoned:
-            return None
-        self._stop_deadline()
-        self.result.errback(ProxyError(_unreachable(self.spec.address, failure)))
-        return None
-
-    def _timed_out(self) -> None:
-        self.deadline = None
-        if self.transport is None:
-            self._fail(ProxyError(f"cannot reach the proxy at {self.spec.address} "
-                                  f"(no connection within {self.timeout:g} s)"))
-        else:
-            self._fail(ProxyError(f"the proxy at {self.spec.address} did not open the tunnel to "
-                                  f"{self.handshake.target} within {self.timeout:g} s"))
-        self._abandon()
-
-    def _cancel(self, result: Deferred) -> None:
-        self._stop_deadline()
-        self._abandon()  # result then fails with CancelledError
-
-    def _abandon(self) -> None:
-        self.abandoned = True
-        if self.transport is not None:
-            self.transport.abortConnection()
-        elif self.connecting is not None:
-            connecting, self.connecting = self.connecting, None
-            connecting.cancel()
-
-    def _abort_with(self, failure: Failure) -> None:
-        self._fail(failure)
-        self.transport.abortConnection()
-
-    def _fail(self, reason) -> None:
-        self._stop_deadline()
-        if not self.finished:
-            self.result.errback(reason)
-
+    @_machine.output()
     def _stop_deadline(self) -> None:
-        if self.deadline is not None and self.deadline.active():
-            self.deadline.cancel()
-        self.deadline = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    @_machine.output()
+    def _fail_unreachable(self, failure: Failure) -> None:
+        self.result.errback(ProxyError(_unreachable(self.spec.address, failure)))
+
+    @_machine.output()
+    def _fail_no_connection(self) -> None:
+        self.result.errback(ProxyError(
+            f"cannot reach the proxy at {self.spec.address} (no connection within {self.timeout:g} s)"))
+
+    @_machine.output()
+    def _fail_slow_handshake(self) -> None:
+        self.result.errback(ProxyError(
+            f"the proxy at {self.spec.address} did not open the tunnel to {self.handshake.target} "
+            f"within {self.timeout:g} s"))
+
+    @_machine.output()
+    def _fail_closed(self) -> None:
+        how = "in the middle of its answer" if self.heard else "without answering"
+        self.result.errback(ProxyError(f"the proxy at {self.spec.address} closed the connection {how}"))
+
+    @_machine.output()
+    def _fail_with(self, failure: Failure) -> None:
+        self.result.errback(failure)
+
+    @_machine.output()
+    def _give_up_connecting(self) -> None:
+        self._connecting.cancel()
+
+    @_machine.output()
+    def _abort(self) -> None:
+        self._wire.transport.abortConnection()
+
+    @_machine.output()
+    def _abort_late_connection(self, wire) -> None:
+        wire.transport.abortConnection()
+
+    @_machine.output()
+    def _ignore(self) -> None:
+        pass
+
+    connecting.upon(tcp_connected, enter=handshaking, outputs=[_send_greeting])
+    connecting.upon(tcp_failed, enter=failed, outputs=[_stop_deadline, _fail_unreachable])
+    connecting.upon(deadline_passed, enter=failed, outputs=[_fail_no_connection, _give_up_connecting])
+    connecting.upon(cancelled, enter=failed, outputs=[_stop_deadline, _give_up_connecting])
+
+    handshaking.upon(received, enter=handshaking, outputs=[_feed])
+    handshaking.upon(_tunnel_ready, enter=tunnel_up, outputs=[_stop_deadline, _hand_over])
+    handshaking.upon(_broken, enter=failed, outputs=[_stop_deadline, _fail_with, _abort])
+    handshaking.upon(lost, enter=failed, outputs=[_stop_deadline, _fail_closed])
+    handshaking.upon(deadline_passed, enter=failed, outputs=[_fail_slow_handshake, _abort])
+    handshaking.upon(cancelled, enter=failed, outputs=[_stop_deadline, _abort])
+    # the endpoint's Deferred fires after the connection is made: nothing to do
+    handshaking.upon(tcp_failed, enter=handshaking, outputs=[_ignore])
+
+    # what still comes from a connection being given up
+    failed.upon(tcp_connected, enter=failed, outputs=[_abort_late_connection])
+    failed.upon(tcp_failed, enter=failed, outputs=[_ignore])
+    failed.upon(received, enter=failed, outputs=[_ignore])
+    failed.upon(lost, enter=failed, outputs=[_ignore])
 
 
 class _HandshakeProtocol(Protocol):
@@ -634,22 +692,13 @@ class _HandshakeProtocol(Protocol):
         self.relay_to: Optional[Protocol] = None
 
     def connectionMade(self) -> None:
-        if self.attempt.finished:  # cancelled or timed out as TCP connected
-            self.transport.abortConnection()
-            return
-        self.transport.write(self.attempt.connected(self.transport))
+        self.attempt.tcp_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay_to is not None:
             self.relay_to.dataReceived(data)
-            return
-        if self.attempt.finished:
-            return
-        reply, tunnel = self.attempt.received(data)
-        if reply:
-            self.transport.write(reply)
-        if tunnel is not None:
-            self.attempt.tunnel_up(self, tunnel)
+        else:
+            self.attempt.received(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self.relay_to is not None:

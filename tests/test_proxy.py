@@ -18,12 +18,19 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError, NoProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from service_identity import VerificationError
+
+from sevpn.accounts import Account
+from sevpn.card import Card, NicSide
+from sevpn.hubservice import HubService
+from sevpn.link import describe_failure
+from sevpn.pki import client_tls_options
 from sevpn.proxy import (
     MAX_HTTP_ANSWER,
     Credentials,
@@ -35,7 +42,10 @@ from sevpn.proxy import (
     endpoint_for,
     parse_proxy_url,
 )
+from sevpn.tls import TLSClientEndpoint
+from sevpn.users import HubState
 from tests import proxy_servers
+from tests.support import BROADCAST, FakeTap, frame, mac
 
 EXPECTED = "(expected http://[user:pass@]host:port or socks5://[user:pass@]host:port)"
 
@@ -740,9 +750,6 @@ class _ThroughARealProxy:
         return f"{self.scheme}://{userinfo}127.0.0.1:{self.proxy.port}"
 
     def tls_endpoint(self, host="127.0.0.1", port=None, server_name="127.0.0.1", url=None):
-        from sevpn.pki import client_tls_options
-        from sevpn.tls import TLSClientEndpoint
-
         return TLSClientEndpoint(client_tls_options(self.ca, server_name),
                                  endpoint_for(reactor, url or self.url(), host, port or self.echo_port))
 
@@ -769,10 +776,6 @@ class _ThroughARealProxy:
 
     @inlineCallbacks
     def test_server_certificate_checked_end_to_end(self):
-        from service_identity import VerificationError
-
-        from sevpn.link import describe_failure
-
         client = Client(b"secret hello", expect=1)
         yield self.connect(self.tls_endpoint(server_name="impostor.example"), client)
         yield self.assertFailure(client.done, VerificationError)
@@ -922,9 +925,6 @@ class CardThroughAProxy(RealReactorTestCase):
 
     @inlineCallbacks
     def setUp(self):
-        from sevpn.services import HubService
-        from sevpn.users import HubState
-
         RealReactorTestCase.setUp(self)
         proxy_servers.program("tinyproxy")
         hub_dir = os.path.join(self.dir, "hub")
@@ -937,17 +937,11 @@ class CardThroughAProxy(RealReactorTestCase):
         self.proxy = yield proxy_servers.start_tinyproxy(self, self.dir, [self.hub_port], auth=("carol", "pw2"))
 
     def card(self, n, proxy_url):
-        from sevpn.accounts import Account
-        from sevpn.card import Card
-        from sevpn.pki import client_tls_options
-        from sevpn.tls import TLSClientEndpoint
-        from tests.support import FakeTap, mac
-
         def endpoint_for_account(account):
             return TLSClientEndpoint(client_tls_options(account.ca_file, account.verify_name),
                                      endpoint_for(reactor, proxy_url, account.host, account.port))
 
-        card = Card(reactor, FakeTap(), mac(n), endpoint_for_account)
+        card = Card(reactor, NicSide(FakeTap(reactor)), mac(n), endpoint_for_account)
         card.connect(Account(name="t", hub=f"127.0.0.1:{self.hub_port}", user="alice", password="pw",
                              ca_file=self.ca))
         self.addCleanup(card.disconnect)
@@ -955,8 +949,6 @@ class CardThroughAProxy(RealReactorTestCase):
 
     @inlineCallbacks
     def eventually(self, predicate, what, timeout=15.0):
-        from twisted.internet.task import deferLater
-
         for _ in range(int(timeout / 0.02)):
             if predicate():
                 return
@@ -965,16 +957,14 @@ class CardThroughAProxy(RealReactorTestCase):
 
     @inlineCallbacks
     def test_frames_cross_the_hub_through_the_proxy(self):
-        from tests.support import BROADCAST, frame, mac
-
         url = f"http://carol:pw2@127.0.0.1:{self.proxy.port}"
         one, two = self.card(1, url), self.card(2, url)
         yield self.eventually(lambda: one.state == two.state == "connected", "both cards to connect")
         self.assertEqual(len(self.hub.hub.sessions), 2)
         sent = frame(BROADCAST, mac(1), os.urandom(1000))
-        one.tap_frames([sent])
-        yield self.eventually(lambda: two.tap.written, "the frame to reach the other card")
-        self.assertEqual(two.tap.written, [sent])
+        one.lan.tap.os_sends([sent])
+        yield self.eventually(lambda: two.lan.tap.written, "the frame to reach the other card")
+        self.assertEqual(two.lan.tap.written, [sent])
 
     @inlineCallbacks
     def test_proxy_refusal_is_the_cards_last_error(self):
@@ -983,5 +973,5 @@ class CardThroughAProxy(RealReactorTestCase):
         self.assertEqual(card.last_error, "the proxy did not accept the credentials of user 'carol' (check the "
                                           "user name and password in the proxy URL) (HTTP 401 Unauthorized)")
         self.assertEqual(card.state, "connecting")  # and it keeps trying, as for an unreachable hub
-        self.assertFalse(card.tap.carrier)
+        self.assertFalse(card.lan.tap.carrier)
         self.assertEqual(self.hub.hub.sessions, {})
