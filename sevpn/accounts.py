@@ -49,20 +49,34 @@ class Account:
     hub_name: str = DEFAULT_HUB
     server_name: Optional[str] = None
     auto_reconnect: bool = True
+    #: C{http://[user:pass@]host:port} or C{socks5://...}: reach the hub through this proxy.
+    proxy: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_name("account", self.name)
         check_name("virtual hub", self.hub_name)
         check_name("user", self.user)
         self.host, self.port = parse_hub_address(self.hub)
+        if self.proxy:
+            from sevpn.proxy import parse_proxy_url
+
+            try:
+                parse_proxy_url(self.proxy)
+            except ValueError as e:
+                raise StateError(str(e))
 
     @property
     def verify_name(self) -> str:
         return self.server_name or self.host
 
     def public(self) -> dict:
+        """The account without its secrets (the password, the proxy's password)."""
         info = asdict(self)
         info.pop("password")
+        if self.proxy:
+            from sevpn.proxy import parse_proxy_url
+
+            info["proxy"] = parse_proxy_url(self.proxy).describe()
         return info
 
 

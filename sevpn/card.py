@@ -354,8 +354,9 @@ class Card:
         self.attempts = 0
         self.failures = 0
         self.log.info(
-            "connecting to hub {hub} at {addr} as user {user}",
+            "connecting to hub {hub} at {addr} as user {user}{through}",
             hub=account.hub_name, addr=account.hub, user=account.user,
+            through=f" through the proxy {account.public()['proxy']}" if account.proxy else "",
         )
         self._dial()
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.application.service import Service
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
-from sevpn import control, defaults
+from sevpn import control, defaults, proxy
 from sevpn.accounts import Account, AccountStore
 from sevpn.card import Card
 from sevpn.files import ensure_dir
@@ -26,7 +25,10 @@ from sevpn.users import StateError
 
 
 def tls_endpoint_for(reactor):
-    """How a card reaches a hub: TCP, then TLS verified against the CA file."""
+    """
+    How a card reaches a hub: TCP (through the account's proxy, if any),
+    then TLS end to end, verified against the CA file.
+    """
 
     def endpoint_for(account: Account):
         try:
@@ -35,7 +37,7 @@ def tls_endpoint_for(reactor):
             raise StateError(f"cannot read the CA file {account.ca_file}: {e.strerror}")
         except Exception as e:
             raise StateError(f"the CA file {account.ca_file} holds no usable certificate ({e})")
-        return TLSClientEndpoint(options, HostnameEndpoint(reactor, account.host, account.port, timeout=10))
+        return TLSClientEndpoint(options, proxy.endpoint_for(reactor, account.proxy, account.host, account.port))
 
     return endpoint_for
 

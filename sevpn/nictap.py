@@ -35,6 +35,7 @@ class Options(CommonOptions):
         ["ca-file", None, None, "The hub's CA certificate (the hub's STATE/ca.pem)."],
         ["server-name", None, None, "The name to verify in the hub's certificate (default: the host of --hub)."],
         ["mac", None, None, "Use this MAC instead of the card's own generated one."],
+        ["proxy", None, None, "Reach the hub through this proxy: http://[user:pass@]host:port or socks5://..."],
     ]
     optFlags = [
         ["no-auto-reconnect", None, "Do not reconnect after the link fails."],
@@ -66,6 +67,7 @@ class Options(CommonOptions):
                     hub_name=self["hub-name"],
                     server_name=self["server-name"],
                     auto_reconnect=not self["no-auto-reconnect"],
+                    proxy=self["proxy"],
                 )
             except (StateError, UnicodeDecodeError) as e:
                 raise usage.UsageError(str(e))

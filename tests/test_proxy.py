@@ -28,6 +28,7 @@ from service_identity import VerificationError
 
 from sevpn.accounts import Account
 from sevpn.card import Card, NicSide
+from sevpn.cardservice import tls_endpoint_for
 from sevpn.hubservice import HubService
 from sevpn.link import describe_failure
 from sevpn.pki import client_tls_options
@@ -937,13 +938,9 @@ class CardThroughAProxy(RealReactorTestCase):
         self.proxy = yield proxy_servers.start_tinyproxy(self, self.dir, [self.hub_port], auth=("carol", "pw2"))
 
     def card(self, n, proxy_url):
-        def endpoint_for_account(account):
-            return TLSClientEndpoint(client_tls_options(account.ca_file, account.verify_name),
-                                     endpoint_for(reactor, proxy_url, account.host, account.port))
-
-        card = Card(reactor, NicSide(FakeTap(reactor)), mac(n), endpoint_for_account)
+        card = Card(reactor, NicSide(FakeTap(reactor)), mac(n), tls_endpoint_for(reactor))
         card.connect(Account(name="t", hub=f"127.0.0.1:{self.hub_port}", user="alice", password="pw",
-                             ca_file=self.ca))
+                             ca_file=self.ca, proxy=proxy_url))
         self.addCleanup(card.disconnect)
         return card
 

@@ -23,6 +23,7 @@ def account_add(args) -> None:
         hub_name=args.hub_name,
         server_name=args.server_name,
         auto_reconnect=args.auto_reconnect,
+        proxy=args.proxy,
     )
     AccountStore(args.state_dir).save(account)
     print(f"account {args.name} saved (hub {account.hub_name} at {account.hub} as {account.user})")
@@ -57,5 +58,6 @@ def register(roles) -> None:
     p.add_argument("--auto-reconnect", dest="auto_reconnect", action="store_true", default=True,
                    help="reconnect forever after a failure (default)")
     p.add_argument("--no-auto-reconnect", dest="auto_reconnect", action="store_false")
+    p.add_argument("--proxy", help="reach the hub through this proxy: http://[user:pass@]host:port or socks5://...")
     command(accounts, "list", account_list, "list connection entries", state, json_flag=True)
     command(accounts, "delete", account_delete, "delete a connection entry", state).add_argument("name")
