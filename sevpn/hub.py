@@ -106,7 +106,9 @@ class Hub:
         max_sessions_per_user: int = defaults.MAX_SESSIONS_PER_USER,
         max_macs_per_session: int = DEFAULT_MAX_MACS,
         resume_memory: int = defaults.RESUME_MEMORY,
+        allow_mac_moves: bool = False,
     ) -> None:
+        self.allow_mac_moves = allow_mac_moves
         self.verify = verify
         self.guard = guard or LoginGuard()
         self.summary = SourceSummary()
@@ -132,7 +134,7 @@ class Hub:
         if vhub is None:
             vhub = self.vhubs[name] = VirtualHub(
                 name, self.clock.seconds, max_age=self.max_age, max_macs_per_port=self.max_macs_per_session,
-                on_conflict=self._conflict,
+                allow_moves=self.allow_mac_moves, on_conflict=self._conflict,
             )
         return vhub
 
@@ -233,6 +235,8 @@ class Hub:
         session.peer = peer
         self.sessions[session.id] = session
         vhub.add_port(session.port)
+        if card_mac is not None:
+            vhub.claim(card_mac, session.port)
         self.log.info(
             "{user} joined virtual hub {hub} from {peer}: session {id}",
             user=hello.user, hub=hello.hub, peer=peer, id=session.id,
@@ -284,6 +288,14 @@ class Hub:
             if old.held and old.user == user and old.vhub.name == hub and old.card_mac == card_mac:
                 self.end_session(old, "replaced by a new login of the same card")
 
+    def _replaced(self, session: HubSession) -> bool:
+        """Whether the same card (user and MAC) joined in a newer session."""
+        return session.card_mac is not None and any(
+            other is not session and other.user == session.user and other.vhub is session.vhub
+            and other.card_mac == session.card_mac and other.started >= session.started
+            for other in self.sessions.values()
+        )
+
     # leaving ---------------------------------------------------------------
 
     def link_lost(self, session: HubSession, clean: bool, reason: str) -> None:
@@ -292,6 +304,9 @@ class Hub:
             return
         if clean or self.resume_window <= 0:
             self.end_session(session, f"the card said goodbye ({reason})" if clean else reason)
+            return
+        if self._replaced(session):
+            self.end_session(session, f"{reason}; its card has logged in again since")
             return
         self.log.info(
             "session {id} of {user} on {hub} lost its link ({reason}); holding it for {w:g} s",

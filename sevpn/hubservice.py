@@ -57,8 +57,15 @@ class HubService(Service):
         keepalive: Optional[Keepalive] = None,
         buffer_limit: int = DEFAULT_LIMIT,
         max_age: float = DEFAULT_MAX_AGE,
+        limits: Optional[dict] = None,
         reactor=None,
     ) -> None:
+        """
+        @param limits: the hub's bounds per actor, passed to L{Hub}
+            (C{max_sessions_per_user}, C{max_macs_per_session},
+            C{resume_memory}, C{allow_mac_moves}).
+        """
+        self.limits = dict(limits or {})
         self.state_dir = state_dir
         self.listen = list(listen) or list(defaults.LISTEN)
         self.hostnames = list(hostnames)
@@ -82,6 +89,7 @@ class HubService(Service):
             self.hub = Hub(
                 state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit,
                 max_age=self.max_age, verify=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+                **self.limits,
             )
             self.hub.start()
             self.links = HubLinkFactory(self.hub, reactor, self.keepalive)

@@ -8,6 +8,7 @@ from twisted.application.service import IService
 
 from sevpn import defaults
 from sevpn.options import CommonOptions, non_negative
+from sevpn.switch import DEFAULT_MAX_MACS
 
 
 class Options(CommonOptions):
@@ -17,6 +18,19 @@ class Options(CommonOptions):
         ["state-dir", "d", defaults.HUB_STATE_DIR, "Where the hub keeps its CA, certificates and users."],
         ["mac-age", None, defaults.MAC_AGE, "Seconds before an unused MAC table entry is forgotten.",
          non_negative(float)],
+        ["max-sessions-per-user", None, defaults.MAX_SESSIONS_PER_USER,
+         "Sessions a user may have at once, connected or held (0: no limit; a user's own policy wins).",
+         non_negative(int)],
+        ["max-macs", None, DEFAULT_MAX_MACS,
+         "Source MACs one session may use (0: no limit; a user's own policy wins).", non_negative(int)],
+        ["resume-memory", None, defaults.RESUME_MEMORY >> 20,
+         "MiB all sessions' resume buffers may hold together; held sessions give up their oldest first.",
+         non_negative(int)],
+    ]
+    optFlags = [
+        ["allow-mac-moves", None,
+         "Let a session take a MAC another live session uses (as a plain switch does) instead of dropping "
+         "its frames."],
     ]
 
     def __init__(self) -> None:
@@ -44,4 +58,10 @@ def makeService(config: Options) -> IService:
         keepalive=config["keepalive"],
         buffer_limit=config["resume-buffer-bytes"],
         max_age=config["mac-age"],
+        limits={
+            "max_sessions_per_user": config["max-sessions-per-user"],
+            "max_macs_per_session": config["max-macs"],
+            "resume_memory": config["resume-memory"] << 20,
+            "allow_mac_moves": bool(config["allow-mac-moves"]),
+        },
     )

@@ -202,6 +202,14 @@ class VirtualHub:
                 self.port_failures += 1
                 self.log.failure("virtual hub {hub}: sending to {port} failed", hub=self.name, port=port.name)
 
+    def claim(self, mac: bytes, port: IPort) -> bool:
+        """
+        Learn C{mac} on C{port} before any frame: a card's own MAC, said in
+        its hello, is its own from the start.  False if another live port
+        owns it (the same rule as for a frame).
+        """
+        return self._learn(mac, port, self.clock())
+
     def _learn(self, mac: bytes, port: IPort, now: float) -> bool:
         """Learn C{mac} on C{port}; False if the frame must be dropped."""
         if mac[0] & 1:

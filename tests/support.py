@@ -280,3 +280,81 @@ class RawFactory:
         p = Raw()
         self.protocols.append(p)
         return p
+
+
+class BlockingCard:
+    """
+    A card reduced to the wire protocol over a blocking TLS socket: for
+    tests that drive a real hub process step by step (no reactor in the
+    test), such as the hostile suite over loopback TLS.
+    """
+
+    def __init__(self, host: str, port: int, ca_file: str, user: str, password: str, mac_: bytes,
+                 hub: str = "DEFAULT", timeout: float = 5.0, source: Optional[str] = None) -> None:
+        import socket
+        import ssl
+
+        from sevpn import wire
+        from sevpn.mac import format_mac
+
+        self.wire = wire
+        context = ssl.create_default_context(cafile=ca_file)
+        raw = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.decoder = wire.Decoder()
+        self._queue: List = []
+        self.next_seq = 1
+        self.received: List[bytes] = []
+        self.delivered = 0
+        self.sock.sendall(wire.Hello(hub, user, password, format_mac(mac_), frozenset()).encode())
+        while not self._queue:
+            self._read(timeout)
+        kind, body = self._queue.pop(0)
+        if kind != wire.WELCOME:
+            raise AssertionError(f"the hub answered {wire.NAMES[kind]}: {body!r}")
+        self.welcome = wire.Welcome.decode(body)
+
+    def _read(self, timeout: float) -> bool:
+        """Read once (up to C{timeout}); False if nothing came."""
+        import socket
+
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(1 << 16)
+        except (socket.timeout, TimeoutError):
+            return False
+        if not data:
+            raise ConnectionError("the hub closed the connection")
+        self._queue.extend((k, bytes(b)) for k, b in self.decoder.feed(data))
+        return True
+
+    def send(self, frames) -> None:
+        payload = self.wire.encode_frames(frames)
+        self.sock.sendall(self.wire.encode_data(self.next_seq, self.delivered, payload))
+        self.next_seq += len(frames)
+
+    def receive(self, seconds: float) -> None:
+        """Read what arrives for C{seconds}; frames go to C{received}, acknowledged."""
+        import time
+
+        end = time.monotonic() + seconds
+        while self._queue or self._read(end - time.monotonic()):
+            while self._queue:
+                kind, body = self._queue.pop(0)
+                if kind != self.wire.DATA:
+                    continue
+                first, _, frames = self.wire.decode_data(memoryview(body))
+                for i, f in enumerate(frames):
+                    if first + i > self.delivered:
+                        self.received.append(bytes(f))
+                        self.delivered = first + i
+                self.sock.sendall(self.wire.encode_ack(self.delivered))
+            if time.monotonic() >= end:
+                return
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(self.wire.Goodbye("the test is over").encode())
+        except OSError:
+            pass
+        self.sock.close()

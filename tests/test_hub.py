@@ -62,8 +62,9 @@ class Core(SynchronousTestCase):
         self.assertEqual(payloads(b.lan.tap), [b"bcast", b"unknown"])
         self.assertEqual(x.lan.tap.written, [])
         macs = self.lab.hub.describe_macs()
-        self.assertEqual([m["mac"] for m in macs["DEFAULT"]["macs"]], ["02:00:00:00:00:01"])
-        self.assertEqual(macs["OTHER"]["macs"], [])
+        # each card's own MAC (said in its hello) is its port's from the start
+        self.assertEqual([m["mac"] for m in macs["DEFAULT"]["macs"]], ["02:00:00:00:00:01", "02:00:00:00:00:02"])
+        self.assertEqual([m["mac"] for m in macs["OTHER"]["macs"]], ["02:00:00:00:00:03"])
         self.assertEqual(macs["DEFAULT"]["counters"]["flooded"], 2)  # the broadcast and the unknown unicast
         self.assertEqual(macs["OTHER"]["counters"]["flooded"], 0)
 
