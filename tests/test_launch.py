@@ -15,7 +15,7 @@ import tempfile
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.netns import BIN, env, sevpn, wait_for
+from scripts.netns import BIN, env, sevpn, wait_for
 
 
 def command(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from typing import Optional
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.netns import REPO, wait_for
+from scripts.netns import REPO, wait_for
 
 #: Highest acceptable `systemd-analyze security` exposure per unit (0-10,
 #: lower is safer); both were 9.6 UNSAFE before the units were hardened.
