@@ -18,6 +18,7 @@ from sevpn.files import ensure_dir
 from sevpn.mac import format_mac, load_or_create_mac
 from sevpn.pki import client_tls_options
 from sevpn.runtime import fatal, reactor_or_global
+from sevpn.sdnotify import notify
 from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.timing import Keepalive
 from sevpn.tls import TLSClientEndpoint
@@ -107,6 +108,8 @@ class CardService(Service):
             self._close()
             raise fatal("sevpn-nic", str(e))
         Service.startService(self)
+        notify("READY=1", f"STATUS=TAP {self.tap.name} up, MAC {format_mac(self.card.mac)}; "
+               + (f"connecting to hub {self.card.account.hub}" if self.card.account is not None else "not connected"))
 
     def _connect(self, account: str) -> dict:
         try:
@@ -127,6 +130,7 @@ class CardService(Service):
             self.tap = None
 
     def stopService(self):
+        notify("STOPPING=1")
         Service.stopService(self)
         if self.card is None:
             return None

@@ -6,14 +6,24 @@ them from here.
 
 #: Where a hub keeps its CA, certificates, virtual hubs and users.
 HUB_STATE_DIR = "/var/lib/sevpn/hub"
-#: Where a card keeps its MAC and accounts.
-CARD_STATE_DIR = "/var/lib/sevpn/nic"
+#: Where the cards of a machine keep their MACs and accounts: one state dir
+#: per TAP device, C{/var/lib/sevpn/nic-TAP} (L{card_state_dir}), as the
+#: systemd unit C{sevpn-nic@TAP} has it.
+CARD_STATE_ROOT = "/var/lib/sevpn"
+
+
+def card_state_dir(tap: str) -> str:
+    """The state dir of the card whose TAP device is C{tap}."""
+    return f"{CARD_STATE_ROOT}/nic-{tap}"
+
 #: The hub's TCP port, and the port a card dials when an address has none.
 PORT = 5555
 #: What a hub listens on.
 LISTEN = ("tcp:5555",)
 #: The TAP device a card creates.
 TAP_NAME = "sevpn0"
+#: The default card's state dir.
+CARD_STATE_DIR = card_state_dir(TAP_NAME)
 #: How long a session whose link broke without a goodbye is kept, on both
 #: ends (SoftEther's "about 60 seconds").
 RESUME_WINDOW = 60.0

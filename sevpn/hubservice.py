@@ -23,6 +23,7 @@ from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
 from sevpn.pki import ensure_pki, server_tls_options
 from sevpn.runtime import fatal, reactor_or_global
+from sevpn.sdnotify import notify
 from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
@@ -114,6 +115,7 @@ class HubService(Service):
             self._close()
             raise fatal("sevpn-hub", str(e))
         Service.startService(self)
+        notify("READY=1", f"STATUS=listening on {', '.join(self.listen)}")
         self.log.info(
             "hub running: listening on {listen}, virtual hubs {hubs}, CA certificate {ca}",
             listen=", ".join(self.listen), hubs=", ".join(state.hubs()), ca=os.path.join(self.state_dir, "ca.pem"),
@@ -138,6 +140,7 @@ class HubService(Service):
         return [maybeDeferred(port.stopListening) for port in ports]
 
     def stopService(self):
+        notify("STOPPING=1", "STATUS=saying goodbye to the cards")
         """Say goodbye to every card, waiting at most two seconds for it."""
         Service.stopService(self)
         links = self.hub.shutdown() if self.hub is not None else []

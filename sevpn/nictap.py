@@ -25,7 +25,7 @@ class Options(CommonOptions):
         "or later with 'sevpn nic connect NAME'."
     )
     optParameters = [
-        ["state-dir", "d", defaults.CARD_STATE_DIR, "Where the card keeps its MAC and accounts."],
+        ["state-dir", "d", None, "Where the card keeps its MAC and accounts (default /var/lib/sevpn/nic-TAP)."],
         ["tap", "i", defaults.TAP_NAME, "Name of the TAP device to create."],
         ["account", "a", None, "Connect with this saved account at start."],
         ["hub", None, None, "The hub's address, HOST:PORT."],
@@ -44,6 +44,8 @@ class Options(CommonOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
+        if not self["state-dir"]:
+            self["state-dir"] = defaults.card_state_dir(self["tap"])
         if self["mac"]:
             try:
                 self["mac"] = parse_mac(self["mac"])

@@ -154,9 +154,6 @@ class Foreground(SynchronousTestCase):
         self.assertEqual(self.hub.wait(30), -signal.SIGTERM, self.output())
         self.assertEqual(self.notify.assignments().get("STOPPING"), "1")
 
-    test_tells_systemd_when_it_listens.todo = (
-        "waits for the lead to call sevpn.sdnotify.notify in HubService (see docs/deploy.md)"
-    )
 
 
 class CardForeground(SynchronousTestCase):
@@ -214,6 +211,3 @@ class CardForeground(SynchronousTestCase):
         self.assertIn("sevpn0", found.get("STATUS", ""))
         self.assertIn("127.0.0.1:9", found.get("STATUS", ""))
 
-    test_ready_once_the_tap_exists.todo = (
-        "waits for the lead to call sevpn.sdnotify.notify in CardService (see docs/deploy.md)"
-    )
