@@ -11,9 +11,9 @@ from typing import Optional
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from sevpn import control, defaults, proxy
+from sevpn import busypoll, control, defaults, proxy
 from sevpn.accounts import Account, AccountStore
-from sevpn.card import Card
+from sevpn.card import Card, NicSide
 from sevpn.files import ensure_dir
 from sevpn.mac import format_mac, load_or_create_mac
 from sevpn.pki import client_tls_options
@@ -56,8 +56,10 @@ class CardService(Service):
         resume_window: float = defaults.RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
         offload: bool = True,
+        busy_poll: float = busypoll.WINDOW,
         reactor=None,
     ) -> None:
+        self.busy_poll = busy_poll
         self.state_dir = state_dir
         self.tap_name = tap_name
         self.offload = offload
@@ -75,6 +77,7 @@ class CardService(Service):
         from sevpn.tapdevice import TapError, TapPort
 
         reactor = reactor_or_global(self.reactor)
+        busypoll.install(reactor, self.busy_poll)
         try:
             ensure_dir(self.state_dir)
             account = self.account
@@ -84,7 +87,7 @@ class CardService(Service):
             self.tap = TapPort(self.tap_name, mac, reactor, self.offload)
             card = Card(
                 reactor,
-                self.tap,
+                NicSide(self.tap),
                 mac,
                 tls_endpoint_for(reactor),
                 keepalive=self.keepalive,
@@ -130,6 +133,7 @@ class CardService(Service):
             self.tap = None
 
     def stopService(self):
+        busypoll.uninstall()
         notify("STOPPING=1")
         Service.stopService(self)
         if self.card is None:

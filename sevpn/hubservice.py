@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from sevpn import control, defaults
+from sevpn import busypoll, control, defaults
 from sevpn.files import ensure_dir
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
@@ -59,8 +59,10 @@ class HubService(Service):
         buffer_limit: int = DEFAULT_LIMIT,
         max_age: float = DEFAULT_MAX_AGE,
         limits: Optional[dict] = None,
+        busy_poll: float = busypoll.WINDOW,
         reactor=None,
     ) -> None:
+        self.busy_poll = busy_poll
         """
         @param limits: the hub's bounds per actor, passed to L{Hub}
             (C{max_sessions_per_user}, C{max_macs_per_session},
@@ -82,6 +84,7 @@ class HubService(Service):
     def startService(self) -> None:
         reactor = reactor_or_global(self.reactor)
         release_large_blocks()
+        busypoll.install(reactor, self.busy_poll)
         try:
             ensure_dir(self.state_dir)
             state = HubState(self.state_dir)
@@ -140,6 +143,7 @@ class HubService(Service):
         return [maybeDeferred(port.stopListening) for port in ports]
 
     def stopService(self):
+        busypoll.uninstall()
         notify("STOPPING=1", "STATUS=saying goodbye to the cards")
         """Say goodbye to every card, waiting at most two seconds for it."""
         Service.stopService(self)

@@ -56,6 +56,7 @@ def makeService(config: Options) -> IService:
         hostnames=config["hostname"],
         resume_window=config["resume-window"],
         keepalive=config["keepalive"],
+        busy_poll=config["busy-poll"] / 1e6,
         buffer_limit=config["resume-buffer-bytes"],
         max_age=config["mac-age"],
         limits={

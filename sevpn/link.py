@@ -36,21 +36,26 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sevpn import wire
+from sevpn import busypoll, wire
 from sevpn.sequencing import SequenceError
 from sevpn.session import ILink, Session
 from sevpn.timing import Keepalive
 
 #: Acknowledge at the latest after this many frames or bytes, or after
-#: L{ACK_DELAY} seconds, whichever comes first (cumulative, so cheap).
+#: L{ACK_DELAY} seconds, whichever comes first (cumulative, so cheap).  Acks
+#: ride on the DATA going the other way; a separate ACK is only for one-way
+#: traffic, so the delay is long: a sparse flow (a ping) costs no extra
+#: message and no extra wakeup per hop.  Bulk flows reach the frame or byte
+#: count long before it.
 ACK_FRAMES = 128
 ACK_BYTES = 512 * 1024
-ACK_DELAY = 0.05
-#: Socket send buffer (the kernel doubles it): roomy enough to keep the
-#: data path smooth, not so roomy that it becomes a standing queue.  Side by
-#: side on the bench machine, 128 KiB moved as much as 256 KiB or more with
-#: half the queueing delay under load.
-SEND_BUFFER = 128 * 1024
+ACK_DELAY = 1.0
+#: The most bytes the kernel holds unsent for a link (TCP_NOTSENT_LOWAT).
+#: The send buffer itself is left to the kernel's autotuning, which sizes it
+#: to the line (bandwidth x RTT: megabytes on a long fast line); bounding
+#: only what is not yet on the wire keeps the queue short without capping
+#: the line (a fixed SO_SNDBUF of 128 KiB held a 40 ms line to ~50 Mbit/s).
+UNSENT_LIMIT = 128 * 1024
 
 
 @implementer(IPushProducer, ILink)
@@ -94,7 +99,7 @@ class Link(Protocol):
         try:
             self.transport.setTcpNoDelay(True)
             sock = self.transport.socket
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), UNSENT_LIMIT)
         except (AttributeError, OSError, NotImplementedError):
             pass  # not TCP (tests, UNIX sockets): nothing to tune
 
@@ -131,6 +136,7 @@ class Link(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._last_received = self.clock.seconds()
+        busypoll.activity()
         session = self.session
         try:
             for kind, body in self.decoder.feed(data):
@@ -186,6 +192,12 @@ class Link(Protocol):
         self._acked = ack
         self._unacked_frames = 0
         self._unacked_bytes = 0
+        call = self._ack_call
+        if call is not None:
+            # The ack rode on a message: no separate one, no wakeup for it.
+            self._ack_call = None
+            if call.active():
+                call.cancel()
         return ack
 
     def send_ack(self) -> None:

@@ -84,6 +84,7 @@ def makeService(config: Options) -> IService:
         account=config["connect"],
         mac=config["mac"],
         keepalive=config["keepalive"],
+        busy_poll=config["busy-poll"] / 1e6,
         resume_window=config["resume-window"],
         buffer_limit=config["resume-buffer-bytes"],
         offload=not config["no-offload"],

@@ -11,7 +11,7 @@ from typing import Callable
 
 from twisted.python import usage
 
-from sevpn import defaults
+from sevpn import busypoll, defaults
 from sevpn.timing import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Keepalive
 
 
@@ -42,6 +42,9 @@ class CommonOptions(usage.Options):
          non_negative(float)],
         ["keepalive-timeout", None, KEEPALIVE_TIMEOUT, "Seconds without a word from the peer before it is gone.",
          non_negative(float)],
+        ["busy-poll", None, int(busypoll.WINDOW * 1e6),
+         "Microseconds to stay awake after traffic, so a reply finds the process hot (0: sleep at once).",
+         non_negative(int)],
     ]
 
     def postOptions(self) -> None:

@@ -18,7 +18,11 @@ here, for all of them:
    sources), frames for it are dropped and counted (C{congestion_drops});
  - a destination paused for C{stall_time} is I{stalled}: the sources held
    for it are let go, and what is switched to it is dropped until it takes
-   data again, so one stuck card never holds up the others.
+   data again, so one stuck card never holds up the others;
+ - a queue that stands (paused longer than a few milliseconds, L{sevpn.aqm})
+   signals congestion early: a frame is ECN-marked when its packet allows
+   it (L{sevpn.ecn}), else dropped, so the senders slow down before the
+   queue is long.  The byte limit stays as the bound on memory.
 
 Pure: time comes from an injected clock (C{seconds}/C{callLater}); the
 I/O is the subclass's C{transmit} and C{pause_input}/C{resume_input}.
@@ -30,13 +34,15 @@ from typing import List, Optional, Sequence, Set
 
 from zope.interface import Attribute, Interface, implementer
 
+from sevpn import ecn
 from sevpn import offload as vnet
+from sevpn.aqm import Codel
 from sevpn.session import IReceiver, Session
 
 #: Bytes a destination may still be given after its transport asked to
 #: pause: the depth of a switch port's queue.  About half a millisecond at
-#: the hub's pace; side by side with 256 KiB it moved as much and cut the
-#: ping under load from ~3-5 ms to ~2.5 ms.
+#: the hub's pace on a fast link; on a slow line the queue's delay is what
+#: is managed (L{sevpn.aqm}), this is the bound on memory.
 PORT_QUEUE = 128 * 1024
 #: A port paused this long is stalled (see the module docstring).
 STALL_TIME = 0.5
@@ -109,8 +115,11 @@ class Port:
         #: Where this port's arriving frames go (set by whoever attaches it).
         self.sink: Optional[ISink] = None
         self.congestion_drops = 0
+        self.ecn_marks = 0
         self.bad_frames = 0
         self.closed = False
+        self._codel = Codel()
+        self._paused_since = 0.0
         self._paused = False
         self._stalled = False
         #: Bytes given to the transport since it asked to pause.
@@ -139,11 +148,29 @@ class Port:
             frames = self._convert(frames)
             if not frames:
                 return
+        if self._paused:
+            now = self.clock.seconds()
+            if self._codel.signal(now - self._paused_since, now):
+                frames = self._signal(frames)
+                if not frames:
+                    return
         self.transmit(frames)
         if self._paused:
             self._backlog += sum(map(len, frames))
             if source is not None and source is not self:
                 self._hold(source)
+
+    def _signal(self, frames: Sequence) -> List:
+        """Tell the senders of a standing queue: mark the first frame that allows it, else drop one."""
+        frames = list(frames)
+        for i, frame in enumerate(frames):
+            marked = ecn.mark(frame, self.mac_offset)
+            if marked is not None:
+                frames[i] = marked
+                self.ecn_marks += 1
+                return frames
+        self.congestion_drops += 1
+        return frames[1:]
 
     def _convert(self, frames: Sequence) -> List:
         """Frames of the other offset: add an empty offload header, or segment."""
@@ -165,13 +192,16 @@ class Port:
 
     def output_paused(self) -> None:
         """The transport below cannot take more for now."""
-        self._paused = True
+        if not self._paused:
+            self._paused = True
+            self._paused_since = self.clock.seconds()
 
     def output_resumed(self) -> None:
         """The transport below takes data again: release the held sources."""
         self._paused = False
         self._stalled = False
         self._backlog = 0
+        self._codel.drained()
         self._cancel_stall()
         self._release()
 
@@ -226,7 +256,7 @@ class Port:
         self._release()
 
     def counters(self) -> dict:
-        return {"congestion_drops": self.congestion_drops, "bad_frames": self.bad_frames}
+        return {"congestion_drops": self.congestion_drops, "ecn_marks": self.ecn_marks, "bad_frames": self.bad_frames}
 
 
 @implementer(IReceiver)

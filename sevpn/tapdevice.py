@@ -24,8 +24,8 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sevpn import busypoll, wire
 from sevpn import offload as vnet
-from sevpn import wire
 from sevpn.port import Port
 
 TUNSETCARRIER = 0x400454E2
@@ -129,6 +129,7 @@ class TapPort(Port):
             self._hand_over(frames)
 
     def _hand_over(self, frames: List[bytes]) -> None:
+        busypoll.activity()
         sink = self.sink
         sink.forward(self, frames)
         sink.flush(self)
