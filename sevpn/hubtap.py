@@ -26,11 +26,16 @@ class Options(CommonOptions):
         ["resume-memory", None, defaults.RESUME_MEMORY >> 20,
          "MiB all sessions' resume buffers may hold together; held sessions give up their oldest first.",
          non_negative(int)],
+        ["metrics", None, None,
+         "Serve Prometheus metrics (/metrics) and a status page (/) on this endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1 (default: off; loopback only unless --metrics-public)."],
     ]
     optFlags = [
         ["allow-mac-moves", None,
          "Let a session take a MAC another live session uses (as a plain switch does) instead of dropping "
          "its frames."],
+        ["metrics-public", None,
+         "Let --metrics listen beyond loopback: the page shows user names and addresses to anyone who reaches it."],
     ]
 
     def __init__(self) -> None:
@@ -64,4 +69,6 @@ def makeService(config: Options) -> IService:
             "resume_memory": config["resume-memory"] << 20,
             "allow_mac_moves": bool(config["allow-mac-moves"]),
         },
+        metrics=config["metrics"],
+        metrics_public=config["metrics-public"],
     )
