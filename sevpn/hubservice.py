@@ -123,6 +123,8 @@ class HubService(Service):
                 self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
         except (StateError, control.ControlError, OSError, ValueError) as e:
             self._close()
+            if self.hub is not None:
+                self.hub.shutdown()  # its sweep timer must not outlive a failed start
             raise fatal("sevpn-hub", str(e))
         Service.startService(self)
         notify("READY=1", f"STATUS=listening on {', '.join(self.listen)}")

@@ -10,9 +10,10 @@ ENDPOINT}): Prometheus metrics, a status page and its data, read-only.
 
 Everything is read from the hub when asked (L{sevpn.metrics.read_hub}),
 on the reactor thread, so a reading never races the data path and costs
-the data path nothing between scrapes.  Rates come from the readings the
-server keeps (L{RateMeter}: the newest two, at least a second apart), so
-the page needs no script to compute them.
+it nothing between requests; the reading is made into bytes in a worker
+thread (L{Views}).  Rates come from the readings the server keeps
+(L{RateMeter}: the newest two, at least a second apart), so the page
+needs no script to compute them.
 
 What came from users (user names, peers, port names) is escaped where
 the page is made (L{render_page}), and the page's Content-Security-Policy
@@ -33,14 +34,14 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.registry import CollectorRegistry
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from sevpn import metrics
 from sevpn.metrics import Reading
@@ -110,11 +111,11 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2430;background:#f
 h1{font-size:1.5em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .3em}h3{font-size:1em;margin:1em 0 .3em}
 .meta,.counters{color:#4a5568;margin:.2em 0}
 table{border-collapse:collapse;background:#fff;margin:.3em 0}
-th,td{border:1px solid #d8dee6;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#eef1f5;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #d8dee6;padding:.2em .45em;text-align:left;vertical-align:top;font-size:13px}
+th{background:#eef1f5;font-weight:600}td.n{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 .mono{font-family:ui-monospace,monospace}
 .connected{color:#176b2c;font-weight:600}.held{color:#a15c00;font-weight:600}
-.none{color:#8a94a3}.warn{color:#b42318}
+.none,.total{color:#6b7585}.warn{color:#b42318}
 footer{margin-top:2em;color:#4a5568}
 """.strip()
 
@@ -158,10 +159,15 @@ def _duration(seconds: float) -> str:
     return f"{days} d {clock}" if days else clock
 
 
-def _rate(rate: Optional[dict], direction: str) -> str:
+def _traffic(session: dict, rate: Optional[dict], direction: str) -> str:
+    """A direction's rate (bit/s, frames/s), then its totals."""
     if rate is None:
-        return '<span class="none">\u2014</span>'
-    return f"{esc(_bits(rate['bits_' + direction]))}<br>{esc(_count(rate['frames_' + direction]))} frames/s"
+        now = '<span class="none">\u2014</span>'
+    else:
+        now = f"{esc(_bits(rate['bits_' + direction]))} \u00b7 {esc(_count(rate['frames_' + direction]))} frames/s"
+    frames = session["frames_" + direction]
+    total = f"{_count(frames)} frame{'' if frames == 1 else 's'} \u00b7 {_bytes(session['bytes_' + direction])}"
+    return f'{now}<br><span class="total">{esc(total)}</span>'
 
 
 def _table(css: str, headers: Sequence[str], rows: List[str], empty: str) -> str:
@@ -183,10 +189,8 @@ def _session_row(s: dict, rate: Optional[dict]) -> str:
         f'<td class="mono peer">{esc(s["peer"])}</td>'
         f'<td class="mono">{esc(s["card_mac"] or "")}</td>'
         f'<td class="n">{esc(_duration(s["uptime"]))}</td>'
-        f'<td class="n">{_rate(rate, "in")}</td>'
-        f'<td class="n">{_rate(rate, "out")}</td>'
-        f'<td class="n">{esc(_count(s["frames_in"]))} / {esc(_count(s["frames_out"]))}</td>'
-        f'<td class="n">{esc(_bytes(s["bytes_in"]))} / {esc(_bytes(s["bytes_out"]))}</td>'
+        f'<td class="n">{_traffic(s, rate, "in")}</td>'
+        f'<td class="n">{_traffic(s, rate, "out")}</td>'
         f'<td class="n{" warn" if drops or lost else ""}">{esc(drops_text)}</td>'
         f'<td class="n">{esc(_count(s["resumes"]))}</td>'
         f'<td class="n">{esc(s["macs"])}</td>'
@@ -217,8 +221,8 @@ def _vhub(v: dict, rates: Dict[str, dict]) -> str:
     macs = f"{len(v['macs'])}" + (f" of {limit}" if limit is not None else "")
     sessions = _table(
         "sessions",
-        ["session", "user", "state", "peer", "card MAC", "uptime", "in", "out", "frames in / out",
-         "bytes in / out", "dropped", "resumes", "MACs"],
+        ["session", "user", "state", "peer", "card MAC", "uptime", "in (from the card)", "out (to the card)",
+         "dropped", "resumes", "MACs"],
         [_session_row(s, rates.get(s["id"])) for s in v["sessions"]],
         "No sessions.",
     )
@@ -301,58 +305,107 @@ def _headers(request, content_type: bytes) -> None:
     request.setHeader(b"server", b"sevpn")
 
 
-class StatusPage(Resource):
-    """C{/}: the page.  GET and HEAD only: nothing here changes the hub."""
+class Views:
+    """
+    What the listener's pages share: the hub's reading, the rates kept
+    between readings, and one lock, so one view is made at a time (its
+    memory is one rendering, however many ask).
+
+    A reading is taken on the reactor thread (it reads the hub's live
+    objects, cheaply: ~25 ms for 4096 sessions); turning it into bytes is
+    the costly part (the Prometheus text of 4096 sessions takes most of a
+    second) and runs in a worker thread on that private reading, so the
+    data path is not stopped for it.
+    """
+
+    def __init__(self, read: Callable[[], Reading], reactor, pool) -> None:
+        self.read = read
+        self.reactor = reactor
+        self.pool = pool
+        self.meter = RateMeter()
+        self.lock = DeferredLock()
+
+    def make(self, render: Callable, *args) -> Deferred:
+        """C{render(reading, rates, *args)} in a worker thread, after the views before it."""
+
+        def now():
+            reading = self.read()
+            rates = self.meter.rates(reading)
+            return deferToThreadPool(self.reactor, self.pool, render, reading, rates, *args)
+
+        return self.lock.run(now)
+
+
+class View(Resource):
+    """A read-only view: GET and HEAD only, nothing here changes the hub."""
 
     isLeaf = True
 
-    def __init__(self, read: Callable[[], Reading], meter: RateMeter) -> None:
+    def __init__(self, views: Views) -> None:
         super().__init__()
-        self.read = read
-        self.meter = meter
+        self.views = views
 
-    def render_GET(self, request) -> bytes:
-        reading = self.read()
-        _headers(request, b"text/html; charset=utf-8")
-        return render_page(reading, self.meter.rates(reading))
+    def render_bytes(self, reading: Reading, rates: Dict[str, dict], request_headers: dict) -> tuple:
+        """C{(content type, body, extra headers)}; runs in a worker thread."""
+        raise NotImplementedError
+
+    def render_GET(self, request):
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+        wanted = {name: (request.getHeader(name) or b"").decode("latin-1") for name in (b"accept", b"accept-encoding")}
+
+        def made(result) -> None:
+            if gone:
+                return  # the client left meanwhile
+            content_type, body, extra = result
+            _headers(request, content_type)
+            for name, value in extra.items():
+                request.setHeader(name, value)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        def failed(failure) -> None:
+            log.failure("could not make {path}", failure, path=request.path.decode("latin-1"))
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        self.views.make(self.render_bytes, wanted).addCallbacks(made, failed)
+        return NOT_DONE_YET
 
 
-class StatusData(StatusPage):
+class StatusPage(View):
+    """C{/}: the page."""
+
+    def render_bytes(self, reading, rates, wanted):
+        return b"text/html; charset=utf-8", render_page(reading, rates), {}
+
+
+class StatusData(View):
     """C{/status.json}: the reading, each session with its C{rates} (absent on the first reading)."""
 
-    def render_GET(self, request) -> bytes:
-        reading = self.read()
-        rates = self.meter.rates(reading)
+    def render_bytes(self, reading, rates, wanted):
         for vhub in reading["virtual_hubs"]:
             for session in vhub["sessions"]:
                 if session["id"] in rates:
                     session["rates"] = rates[session["id"]]
-        _headers(request, b"application/json")
-        return json.dumps(reading, indent=1, sort_keys=True).encode("utf-8")
+        return b"application/json", json.dumps(reading, indent=1, sort_keys=True).encode("utf-8"), {}
 
 
-class MetricsPage(Resource):
+class MetricsPage(View):
     """
-    C{/metrics}: the registry in the format the scraper asks for
-    (Prometheus text or OpenMetrics), gzipped if it takes gzip.  Made on
-    the reactor thread: the collector reads the hub's live objects.
+    C{/metrics}: the reading as metrics (L{sevpn.metrics.HubCollector}) and
+    the process figures, in the format the scraper asks for (Prometheus
+    text or OpenMetrics), gzipped if it takes gzip.
     """
 
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request) -> bytes:
-        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        encoder, content_type = choose_encoder(accept)
-        output = encoder(self.registry)
-        _headers(request, content_type.encode("ascii"))
-        if gzip_accepted((request.getHeader(b"accept-encoding") or b"").decode("latin-1")):
-            output = gzip.compress(output)
-            request.setHeader(b"content-encoding", b"gzip")
-        return output
+    def render_bytes(self, reading, rates, wanted):
+        encoder, content_type = choose_encoder(wanted[b"accept"])
+        output = encoder(metrics.registry_for(lambda: reading))
+        if gzip_accepted(wanted[b"accept-encoding"]):
+            return content_type.encode("ascii"), gzip.compress(output), {b"content-encoding": b"gzip"}
+        return content_type.encode("ascii"), output, {}
 
 
 class StatusSite(Site):
@@ -364,13 +417,13 @@ class StatusSite(Site):
         pass
 
 
-def site_for(read: Callable[[], Reading], reactor=None) -> Site:
+def site_for(read: Callable[[], Reading], reactor) -> Site:
     """The site: C{/}, C{/metrics} and C{/status.json} over the readings of C{read}."""
-    meter = RateMeter()
+    views = Views(read, reactor, reactor.getThreadPool())
     root = Resource()
-    root.putChild(b"", StatusPage(read, meter))
-    root.putChild(b"status.json", StatusData(read, meter))
-    root.putChild(b"metrics", MetricsPage(metrics.registry_for(read)))
+    root.putChild(b"", StatusPage(views))
+    root.putChild(b"status.json", StatusData(views))
+    root.putChild(b"metrics", MetricsPage(views))
     return StatusSite(root, timeout=IDLE_TIMEOUT, reactor=reactor)
 
 
@@ -379,9 +432,9 @@ class ConnectionLimit(WrappingFactory):
 
     noisy = False
 
-    def __init__(self, wrapped, limit: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, wrapped, limit: Optional[int] = None) -> None:
         super().__init__(wrapped)
-        self.limit = limit
+        self.limit = MAX_CONNECTIONS if limit is None else limit
         self.turned_away = 0
         self._closing: Dict[object, Deferred] = {}
 
@@ -458,7 +511,11 @@ def listen(reactor, description: str, read: Callable[[], Reading], public: bool 
             "interface=127.0.0.1 (or ::1), or add --metrics-public to mean it"
         )
     listener = MetricsListener(port, factory)
-    where = f"http://{_url_host(host)}/" if hasattr(host, "port") else str(getattr(host, "name", host))
+    if hasattr(host, "port"):
+        where = f"http://{_url_host(host)}/"
+    else:
+        name = getattr(host, "name", host)
+        where = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     log.info(
         "metrics and status page at {where} (/metrics for Prometheus, /status.json){public}",
         where=where, public=", beyond loopback (--metrics-public)" if beyond_loopback(host) else "",
