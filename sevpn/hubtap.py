@@ -5,6 +5,7 @@ C{twistd sevpn-hub}: the virtual HUB's command line and service.
 from __future__ import annotations
 
 from twisted.application.service import IService
+from twisted.python import usage
 
 from sevpn import defaults
 from sevpn.options import CommonOptions, non_negative
@@ -42,6 +43,11 @@ class Options(CommonOptions):
         super().__init__()
         self["listen"] = []
         self["hostname"] = []
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["metrics-public"] and not self["metrics"]:
+            raise usage.UsageError("--metrics-public needs --metrics ENDPOINT")
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:5555 or tcp6:port=5555 (repeatable; default tcp:5555)."""

@@ -37,8 +37,8 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -71,8 +71,8 @@ _RATE_KEYS = ("frames_in", "frames_out", "bytes_in", "bytes_out")
 class RateMeter:
     """
     Per-session rates from the readings the server keeps: the newest two
-    that are at least C{min_interval} apart.  Memory: two numbers tuples
-    per current session.  Pure: time is the readings' own.
+    that are at least C{min_interval} apart.  Memory: two readings' four
+    counters per current session.  Pure: time is the readings' own.
     """
 
     def __init__(self, min_interval: float = RATE_INTERVAL) -> None:
@@ -345,8 +345,12 @@ class View(Resource):
         super().__init__()
         self.views = views
 
-    def render_bytes(self, reading: Reading, rates: Dict[str, dict], request_headers: dict) -> tuple:
-        """C{(content type, body, extra headers)}; runs in a worker thread."""
+    def render_bytes(self, reading: Reading, rates: Dict[str, dict], wanted: Dict[bytes, str]) -> tuple:
+        """
+        C{(content type, body, extra headers)} for C{reading}; runs in a
+        worker thread.  C{wanted}: the request's C{accept} and
+        C{accept-encoding} headers.
+        """
         raise NotImplementedError
 
     def render_GET(self, request):

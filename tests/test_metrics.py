@@ -103,7 +103,7 @@ class Collector(SynchronousTestCase):
         self.assertEqual(scrape.value("sevpn_mac_conflicts_active", hub="DEFAULT"), 1)
 
     def test_sessions_held_during_an_outage_then_resumed(self):
-        a, b = self.lab.card(1), self.lab.card(2)
+        a, _ = self.lab.card(1), self.lab.card(2)
         self.lab.network.cut()
         self.lab.network.pump()
         scrape = Scrape(self.lab)
@@ -197,7 +197,7 @@ class Collector(SynchronousTestCase):
         self.assertEqual(scrape.value("sevpn_connections_turned_away_total"), 1)
 
     def test_a_port_that_is_not_a_session(self):
-        a = self.lab.card(1)
+        self.lab.card(1)
         bridge = Bridge(self.lab.clock)
         self.lab.hub.vhub("DEFAULT").add_port(bridge)
         bridge.sends([frame(BROADCAST, mac(9))])
@@ -209,7 +209,7 @@ class Collector(SynchronousTestCase):
         self.assertEqual(len(scrape.series("sevpn_session_connected")), 1)  # the bridge is no session
 
     def test_an_ended_sessions_series_go_with_it(self):
-        a, b = self.lab.card(1), self.lab.card(2)
+        a, _ = self.lab.card(1), self.lab.card(2)
         sid = self.session_of("u1").id
         self.assertEqual(len(Scrape(self.lab).series("sevpn_session_frames_total", session=sid)), 2)
         a.disconnect()

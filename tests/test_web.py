@@ -24,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionLost
+from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from sevpn import hubtap, web
@@ -159,7 +160,7 @@ class Rendering(SynchronousTestCase):
         self.assertIn("Virtual hub <i>hub</i>", "".join(page.text))
 
     def test_rates_from_the_readings_the_server_keeps(self):
-        a, b = self.lab.card(1), self.lab.card(2)
+        a, _ = self.lab.card(1), self.lab.card(2)
         meter = web.RateMeter()
         self.assertEqual(meter.rates(self.reading()), {})  # one reading: no rate yet
         sent = [frame(BROADCAST, mac(1), b"x" * 86) for _ in range(10)]  # 100 bytes each
@@ -179,7 +180,7 @@ class Rendering(SynchronousTestCase):
         self.assertEqual(meter.rates(self.reading())[sid_a]["frames_in"], 0.0)
 
     def test_rates_on_the_page(self):
-        a, b = self.lab.card(1), self.lab.card(2)
+        a, _ = self.lab.card(1), self.lab.card(2)
         meter = web.RateMeter()
         meter.rates(self.reading())
         a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"x" * 1236) for _ in range(100)])  # 1250 bytes each
@@ -334,6 +335,12 @@ class Scraping(RunningHub, TestCase):
         status, _, body = yield http(self.url("nothing<b>here"))
         self.assertEqual(status, 404)
         self.assertNotIn(b"<b>", body)
+
+    def test_the_public_flag_alone_is_a_usage_error(self):
+        config = hubtap.Options()
+        with self.assertRaises(usage.UsageError) as raised:
+            config.parseOptions(["--metrics-public"])
+        self.assertEqual(str(raised.exception), "--metrics-public needs --metrics ENDPOINT")
 
     def test_off_by_default(self):
         service = self.start_hub()
