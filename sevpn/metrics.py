@@ -24,14 +24,14 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from sevpn.hub import Hub
-from sevpn import hublink
+from sevpn.hublink import HubLinkFactory
 from sevpn.wire import Refusal
 
 #: A reading: plain data, as L{read_hub} returns it and C{/status.json} serves it.
 Reading = dict
 
 
-def read_hub(hub: Hub, handshakes: hublink.HubLinkFactory) -> Reading:
+def read_hub(hub: Hub, handshakes: HubLinkFactory) -> Reading:
     """
     The hub's state now, as plain data: the hub's own figures, then per
     virtual hub its switch counters, MAC table, sessions and other ports.
@@ -72,10 +72,13 @@ def read_hub(hub: Hub, handshakes: hublink.HubLinkFactory) -> Reading:
             "sessions": len(sessions),
             "sessions_limit": hub.max_sessions,
             "handshaking": handshakes.handshaking,
-            "handshakes_limit": hublink.MAX_HANDSHAKES,
+            "handshakes_limit": handshakes.admission.total,
             "turned_away": handshakes.turned_away,
             "refusals": refusals,
             "resume_window": hub.resume_window,
+            "resume_memory": hub.budget.used,
+            "resume_memory_limit": hub.budget.limit,
+            "resume_memory_reclaimed": hub.budget.reclaimed,
         },
         "virtual_hubs": vhubs,
     }
@@ -130,9 +133,10 @@ SWITCH_COUNTERS: List[Tuple[str, str, _Series]] = [
      "behind the port it came from: not sent).",
      [("unicast", {"path": "unicast"}), ("flooded", {"path": "flooded"}), ("filtered", {"path": "filtered"})]),
     ("sevpn_switch_dropped_frames", "Frames a virtual hub dropped, by cause: mac_limit (a port's "
-     "MAC limit), mac_conflict (a MAC another live port owns), runt (shorter than an Ethernet header).",
+     "MAC limit), mac_conflict (a MAC another live port owns), runt (shorter than an Ethernet header), "
+     "bad_header (an offload port's virtio-net header that does not hold).",
      [("mac_limit_drops", {"cause": "mac_limit"}), ("mac_conflicts", {"cause": "mac_conflict"}),
-      ("runts", {"cause": "runt"})]),
+      ("runts", {"cause": "runt"}), ("bad_headers", {"cause": "bad_header"})]),
     ("sevpn_switch_not_learned", "Frames whose source MAC was not learned because the MAC table was "
      "full (they were still forwarded).", [("not_learned", {})]),
     ("sevpn_switch_port_failures", "Deliveries to a port that failed with an error (a bug; logged).",
@@ -189,7 +193,18 @@ class HubCollector:
                                 value=hub["handshakes_limit"])
         yield CounterMetricFamily(
             "sevpn_connections_turned_away",
-            "Connections closed at once because too many were in their handshake.", value=hub["turned_away"],
+            "Connections closed at once: too many in their handshake (from their address or in all), "
+            "or too many new ones a second from their address.", value=hub["turned_away"],
+        )
+        yield GaugeMetricFamily("sevpn_resume_memory_bytes",
+                                "Bytes all sessions' resume buffers hold together.", value=hub["resume_memory"])
+        yield GaugeMetricFamily("sevpn_resume_memory_limit_bytes",
+                                "The most bytes all sessions' resume buffers may hold together.",
+                                value=hub["resume_memory_limit"])
+        yield CounterMetricFamily(
+            "sevpn_resume_memory_reclaimed_bytes",
+            "Bytes let go from resume buffers (held sessions' first) to stay within the hub's limit.",
+            value=hub["resume_memory_reclaimed"],
         )
         refusals = CounterMetricFamily(
             "sevpn_refusals", "Cards turned away, by the refusal's code (auth-failed, bad-hello, hub-full, ...).",

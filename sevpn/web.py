@@ -215,7 +215,8 @@ def _vhub(v: dict, rates: Dict[str, dict]) -> str:
         for label, key in (
             ("unicast", "unicast"), ("flooded", "flooded"), ("filtered", "filtered"),
             ("MAC-limit drops", "mac_limit_drops"), ("MAC-conflict drops", "mac_conflicts"),
-            ("runts", "runts"), ("not learned (table full)", "not_learned"), ("port failures", "port_failures"),
+            ("runts", "runts"), ("bad offload headers", "bad_headers"), ("not learned (table full)", "not_learned"),
+            ("port failures", "port_failures"),
         )
     )
     macs = f"{len(v['macs'])}" + (f" of {limit}" if limit is not None else "")
@@ -229,7 +230,7 @@ def _vhub(v: dict, rates: Dict[str, dict]) -> str:
     parts = [
         f'<section class="vhub" data-hub="{esc(v["name"])}">',
         f"<h2>Virtual hub {esc(v['name'])}</h2>",
-        f'<p class="counters">{esc(counters)} \u00b7 MACs {esc(macs)}</p>',
+        f'<p class="counters">{esc(counters)}</p>',
         "<h3>Sessions</h3>",
         sessions,
     ]
@@ -237,7 +238,7 @@ def _vhub(v: dict, rates: Dict[str, dict]) -> str:
         parts += ["<h3>Other ports</h3>",
                   _table("ports", ["port", "kind", "MACs", "dropped"], [_port_row(p) for p in v["ports"]], "")]
     parts += [
-        "<h3>MAC table</h3>",
+        f"<h3>MAC table ({esc(macs)} MACs)</h3>",
         _table(
             "macs", ["MAC", "port", "user", "age"],
             [
@@ -274,7 +275,9 @@ def render_page(reading: Reading, rates: Dict[str, dict], refresh: int = REFRESH
         f"{_count(hub['sessions'])} of {_count(hub['sessions_limit'])} sessions \u00b7 "
         f"{_count(hub['handshaking'])} handshakes in progress \u00b7 "
         f"{_count(hub['turned_away'])} connections turned away \u00b7 refusals: {refused} \u00b7 "
-        f"resume window {hub['resume_window']:g} s"
+        f"resume window {hub['resume_window']:g} s \u00b7 "
+        f"resume buffers {_bytes(hub['resume_memory'])} of {_bytes(hub['resume_memory_limit'])}"
+        + (f" ({_bytes(hub['resume_memory_reclaimed'])} let go)" if hub["resume_memory_reclaimed"] else "")
     )
     body = "".join(_vhub(v, rates) for v in reading["virtual_hubs"])
     page = (

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from sevpn import card as card_states
-from sevpn import hublink, wire
+from sevpn import wire
 from sevpn.metrics import read_hub, registry_for
 from sevpn.port import Port
 from tests.support import BROADCAST, Lab, RawFactory, frame, mac, payloads
@@ -174,7 +174,7 @@ class Collector(SynchronousTestCase):
         raw = RawFactory()
         self.lab.network.connect(raw)
         self.lab.network.connections[-1].ct.write(
-            wire.encode(wire.HELLO, wire.MAGIC + b'\x01{"hub": "DEFAULT"}')
+            wire.encode(wire.HELLO, wire.MAGIC + b'\x01{"hub": "DEFAULT", "user": "alice"}')  # no password
         )
         self.lab.network.pump()
         self.lab.hub.max_sessions = 0
@@ -186,7 +186,7 @@ class Collector(SynchronousTestCase):
         self.assertEqual(scrape.value("sevpn_refusals_total", reason="throttled"), 0)  # every code, counted or not
 
     def test_handshakes_in_progress_and_turned_away(self):
-        self.patch(hublink, "MAX_HANDSHAKES", 2)
+        self.lab.network.server_factory.admission.total = 2
         raw = RawFactory()
         for _ in range(3):
             self.lab.network.connect(raw)
@@ -227,6 +227,24 @@ class Collector(SynchronousTestCase):
         [u3] = scrape.series("sevpn_session_connected", user="u3")
         self.assertEqual(u3.labels["hub"], "OTHER")
         self.assertEqual(scrape.value("sevpn_switch_frames_total", hub="OTHER", path="flooded"), 0)
+
+    def test_resume_memory(self):
+        lab = Lab(self)
+        lab.hub.budget.limit = 8192
+        a, b = lab.card(1), lab.card(2)
+        b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
+        lab.network.pump()
+        lab.network.cut()
+        lab.network.pump()
+        bridge = Bridge(lab.clock)
+        lab.hub.vhub("DEFAULT").add_port(bridge)
+        for i in range(40):  # for the held sessions, past the hub's budget
+            bridge.sends([frame(mac(2), mac(9), b"%05d" % i + b"x" * 500)])
+        scrape = Scrape(lab)
+        self.assertEqual(scrape.value("sevpn_resume_memory_limit_bytes"), 8192)
+        self.assertLessEqual(scrape.value("sevpn_resume_memory_bytes"), 8192)
+        self.assertGreater(scrape.value("sevpn_resume_memory_bytes"), 0)
+        self.assertGreater(scrape.value("sevpn_resume_memory_reclaimed_bytes_total"), 0)
 
     def test_process_figures(self):
         scrape = Scrape(self.lab)
