@@ -14,7 +14,7 @@ all: install
 # OS tools the demo, the tests and the benchmark drive.
 system-deps:
 	@missing=""; \
-	for tool in ip:iproute2 ss:iproute2 ping:iputils-ping iperf3:iperf3; do \
+	for tool in ip:iproute2 ss:iproute2 ping:iputils-ping iperf3:iperf3 chromium:chromium; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \

@@ -17,10 +17,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from sevpn import busypoll, control, defaults
+from sevpn import busypoll, control, defaults, web
 from sevpn.files import ensure_dir
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
+from sevpn.metrics import read_hub
 from sevpn.pki import ensure_pki, server_tls_options
 from sevpn.runtime import fatal, reactor_or_global
 from sevpn.sdnotify import notify
@@ -60,6 +61,8 @@ class HubService(Service):
         max_age: float = DEFAULT_MAX_AGE,
         limits: Optional[dict] = None,
         busy_poll: float = busypoll.WINDOW,
+        metrics: Optional[str] = None,
+        metrics_public: bool = False,
         reactor=None,
     ) -> None:
         self.busy_poll = busy_poll
@@ -77,6 +80,10 @@ class HubService(Service):
         self.buffer_limit = buffer_limit
         self.max_age = max_age
         self.reactor = reactor
+        #: The endpoint of the metrics and status page listener (L{sevpn.web}), if any.
+        self.metrics = metrics
+        self.metrics_public = metrics_public
+        self.metrics_port = None
         self.hub: Optional[Hub] = None
         self.ports = []
         self.control_port = None
@@ -114,8 +121,13 @@ class HubService(Service):
                     "status": self.status,
                 },
             )
+            if self.metrics:
+                read = partial(read_hub, self.hub, self.links)
+                self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
         except (StateError, control.ControlError, OSError, ValueError) as e:
             self._close()
+            if self.hub is not None:
+                self.hub.shutdown()  # its sweep timer must not outlive a failed start
             raise fatal("sevpn-hub", str(e))
         Service.startService(self)
         notify("READY=1", f"STATUS=listening on {', '.join(self.listen)}")
@@ -138,8 +150,8 @@ class HubService(Service):
 
     def _close(self) -> list:
         """Stop listening; return Deferreds that fire when the ports are closed."""
-        ports = self.ports + ([self.control_port] if self.control_port is not None else [])
-        self.ports, self.control_port = [], None
+        ports = self.ports + [p for p in (self.control_port, self.metrics_port) if p is not None]
+        self.ports, self.control_port, self.metrics_port = [], None, None
         return [maybeDeferred(port.stopListening) for port in ports]
 
     def stopService(self):

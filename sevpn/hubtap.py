@@ -5,6 +5,7 @@ C{twistd sevpn-hub}: the virtual HUB's command line and service.
 from __future__ import annotations
 
 from twisted.application.service import IService
+from twisted.python import usage
 
 from sevpn import defaults
 from sevpn.options import CommonOptions, non_negative
@@ -26,17 +27,27 @@ class Options(CommonOptions):
         ["resume-memory", None, defaults.RESUME_MEMORY >> 20,
          "MiB all sessions' resume buffers may hold together; held sessions give up their oldest first.",
          non_negative(int)],
+        ["metrics", None, None,
+         "Serve Prometheus metrics (/metrics) and a status page (/) on this endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1 (default: off; loopback only unless --metrics-public)."],
     ]
     optFlags = [
         ["allow-mac-moves", None,
          "Let a session take a MAC another live session uses (as a plain switch does) instead of dropping "
          "its frames."],
+        ["metrics-public", None,
+         "Let --metrics listen beyond loopback: the page shows user names and addresses to anyone who reaches it."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["hostname"] = []
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["metrics-public"] and not self["metrics"]:
+            raise usage.UsageError("--metrics-public needs --metrics ENDPOINT")
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:5555 or tcp6:port=5555 (repeatable; default tcp:5555)."""
@@ -65,4 +76,6 @@ def makeService(config: Options) -> IService:
             "resume_memory": config["resume-memory"] << 20,
             "allow_mac_moves": bool(config["allow-mac-moves"]),
         },
+        metrics=config["metrics"],
+        metrics_public=config["metrics-public"],
     )
