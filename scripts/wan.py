@@ -155,25 +155,20 @@ _AS_IS = ("in_flight", "max_backlog_B", "kernel_rx_drops")
 OFFLOADS = ("tx", "sg", "tso", "gso", "gro")
 
 
-class LineTopology(Topology):
+class BenchTopology(Topology):
     """
-    L{Topology} with each card host behind an emulated line: same hub and
-    host namespaces, same addresses, same sevpn helpers; a wan namespace
-    and a wanem process per host in between.
+    L{Topology} whose namespaces carry a name prefix of the caller's
+    (Topology names its own "sv..."), so that a benchmark's namespaces are
+    told apart from the test suite's.  Otherwise the same state as
+    C{Topology.__init__} sets up.
     """
 
-    def __init__(self, line: Line, wanem: str, hosts: int = 2) -> None:
-        # Topology.__init__ names its namespaces "sv..."; these carry "wb" so
-        # that a benchmark's namespaces are told apart from the test suite's.
-        # Otherwise the same state as Topology.__init__ sets up.
-        reason = line_skip_reason()
+    def __init__(self, hosts: int = 2, prefix: str = "wb") -> None:
+        reason = skip_reason()
         if reason:
             raise RuntimeError(reason)
-        self.line = line
-        self.wanem = wanem
-        self.wanem_procs: Dict[int, subprocess.Popen] = {}
-        self.tag = f"wb{os.getpid() % 100000}{int(time.time() * 1000) % 1000}"
-        self.dir = tempfile.mkdtemp(prefix="sevpn-lines-")
+        self.tag = f"{prefix}{os.getpid() % 100000}{int(time.time() * 1000) % 1000}"
+        self.dir = tempfile.mkdtemp(prefix="sevpn-bench-")
         self.hub_ns = f"{self.tag}-hub"
         self.hosts = []
         self.processes = []
@@ -188,6 +183,23 @@ class LineTopology(Topology):
         except Exception:
             self.close()
             raise
+
+
+class LineTopology(BenchTopology):
+    """
+    L{BenchTopology} with each card host behind an emulated line: same hub
+    and host namespaces, same addresses, same sevpn helpers; a wan
+    namespace and a wanem process per host in between.
+    """
+
+    def __init__(self, line: Line, wanem: str, hosts: int = 2, prefix: str = "wb") -> None:
+        reason = line_skip_reason()
+        if reason:
+            raise RuntimeError(reason)
+        self.line = line
+        self.wanem = wanem
+        self.wanem_procs: Dict[int, subprocess.Popen] = {}
+        super().__init__(hosts, prefix)
 
     def wan(self, i: int) -> str:
         """The namespace of host C{i}'s line."""
