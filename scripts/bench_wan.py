@@ -69,8 +69,8 @@ def parse_ss(text: str) -> List[dict]:
             # State Recv-Q Send-Q Local Peer (no state column with "state established")
             if not fields[0][0].isdigit():
                 fields = fields[1:]
-            if len(fields) < 4:
-                continue
+            if len(fields) < 4 or not (fields[0].isdigit() and fields[1].isdigit()):
+                continue  # a header line
             sockets.append({"recv_q": int(fields[0]), "send_q": int(fields[1]), "local": fields[2], "peer": fields[3]})
             continue
         if not sockets:
@@ -127,7 +127,7 @@ def summarize_leg(samples: List[dict], start: float, end: float) -> dict:
         return {"samples": 0}
     last = samples[-1]
     same = [s for s in samples if (s["local"], s["peer"]) == (last["local"], last["peer"])]
-    taken = [s for s in same if start <= s["t"] <= end] or same
+    taken = [s for s in same if start <= s["at_s"] <= end] or same
     out = {"samples": len(taken), "connections": len({(s["local"], s["peer"]) for s in samples})}
     for key in SS_GAUGES:
         out[key] = statistics.median(s.get(key, 0) for s in taken)
@@ -137,7 +137,7 @@ def summarize_leg(samples: List[dict], start: float, end: float) -> dict:
     busy = out["busy_ms_delta"]
     out["sndbuf_limited_pct"] = 100 * out["sndbuf_limited_ms_delta"] / busy if busy > 0 else NAN
     out["rwnd_limited_pct"] = 100 * out["rwnd_limited_ms_delta"] / busy if busy > 0 else NAN
-    seconds = taken[-1]["t"] - taken[0]["t"]
+    seconds = taken[-1]["at_s"] - taken[0]["at_s"]
     acked = taken[-1].get("bytes_acked", 0) - taken[0].get("bytes_acked", 0)
     out["acked_mbps"] = acked * 8 / seconds / 1e6 if seconds > 0 else NAN
     return out
@@ -146,8 +146,9 @@ def summarize_leg(samples: List[dict], start: float, end: float) -> dict:
 class OuterTcpSampler:
     """
     Samples outer TCP connections with C{ss -tinm} once a second in a
-    thread, while a run goes on.  C{legs} maps a label to (namespace, ss
-    filter); each should match one connection.
+    thread, while a run goes on, and once more when it ends.  C{legs} maps
+    a label to (namespace, ss filter); each should match one connection.
+    A sample is a L{parse_ss} dict with C{at_s}, seconds since the start.
     """
 
     def __init__(self, topo, legs: Dict[str, tuple], interval: float = 1.0) -> None:
@@ -174,7 +175,7 @@ class OuterTcpSampler:
         for label, (ns, filt) in self.legs.items():
             out = self.topo.run(ns, "ss", "-tinmH", "state", "established", filt, check=False, timeout=10)
             for sock in parse_ss(out):
-                sock["t"] = round(t, 2)
+                sock["at_s"] = round(t, 2)
                 self.samples[label].append(sock)
 
     def _run(self) -> None:
@@ -383,6 +384,13 @@ def report(all_results: Dict[str, Dict[str, dict]], lines: List[Line]) -> None:
                   f"**{_ratio(s['tcp_reverse']['mbps'], b['tcp_reverse']['mbps'])}** | "
                   f"{_ratio(s['loaded_ping']['avg_ms'], b['loaded_ping']['avg_ms'])} | |")
     why(all_results, lines)
+    refused = sum(d.get(key, 0)
+                  for res in all_results.values() for r in res.values() for run in ("tcp", "tcp_reverse")
+                  for line_counters in r.get(run, {}).get("line", {}).values() for d in line_counters.values()
+                  for key in ("oversize", "gso"))
+    if refused:
+        print(f"\nwarning: the lines refused {refused} frames larger than the MTU: offloads were on somewhere, "
+              f"and the figures above are not a line's")
 
 
 def why(all_results: Dict[str, Dict[str, dict]], lines: List[Line]) -> None:
