@@ -9,7 +9,7 @@ result for sevpn.  A system that fails to start is reported as failed; so
 is a run that fails as a whole, and the next run goes on.
 
 Run as root on a quiet machine, never beside another run of peers.sh (it
-uses fixed namespace names); about 55 minutes with the defaults:
+uses fixed namespace names); about an hour with the defaults:
 
     SEVPN_SRC=$PWD python3 scripts/peers_lines.py
 
