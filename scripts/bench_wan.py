@@ -30,8 +30,8 @@ from typing import Callable, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts import procstat  # noqa: E402
-from scripts.wan import Line, LineTopology, build_wanem, counter_delta, line_skip_reason, select_lines  # noqa: E402
 from scripts.netns import two_cards  # noqa: E402
+from scripts.wan import Line, LineTopology, build_wanem, counter_delta, line_skip_reason, select_lines  # noqa: E402
 
 DUR = int(os.environ.get("DUR", "10"))
 HUB_PORT = 5555
@@ -311,6 +311,15 @@ def measure(topo, addr: str, is_sevpn: bool) -> dict:
     }
 
 
+def last_error(topo) -> str:
+    """The first exception line in the cards' and hub's logs (the cause, as a rule), to say why sevpn failed."""
+    for name in ("card1", "card2", "hub"):
+        found = re.findall(r"^\s*(\S*(?:Error|Exception|NoTransition)\b.*)$", topo.log(name), re.M)
+        if found:
+            return f" ({name}: {found[0].strip()[:200]})"
+    return ""
+
+
 def run_line(line: Line, wanem: str) -> Dict[str, dict]:
     """Bare path, then sevpn, over one line; a path that fails is reported with its reason."""
     results: Dict[str, dict] = {}
@@ -329,7 +338,8 @@ def run_line(line: Line, wanem: str) -> Dict[str, dict]:
         try:
             extra = tuple(shlex.split(os.environ.get("SEVPN_NIC_ARGS", "")))
             two_cards(topo, card_args=extra)
-            topo.ping(1, 2, count=5, check=False)
+            if not topo.ping(1, 2, count=5, check=False):
+                raise RuntimeError("the cards connected, but no ping crosses sevpn" + last_error(topo))
             results["sevpn"] = measure(topo, topo.tap_addr(2), is_sevpn=True)
         except Exception as e:  # noqa: BLE001
             results["sevpn"] = {"error": str(e)[:300]}

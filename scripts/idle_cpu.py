@@ -21,8 +21,9 @@ from typing import Dict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts import procstat  # noqa: E402
+from scripts.bench_wan import last_error  # noqa: E402
+from scripts.netns import skip_reason, two_cards  # noqa: E402
 from scripts.wan import BenchTopology  # noqa: E402
-from tests.netns import skip_reason, two_cards  # noqa: E402
 
 IDLE_SECS = int(os.environ.get("IDLE_SECS", "60"))
 SETTLE_SECS = 10
@@ -52,7 +53,9 @@ def main() -> int:
     results = {}
     try:
         two_cards(topo)
-        topo.ping(1, 2)
+        if not topo.ping(1, 2, check=False):
+            print(f"idle_cpu: the cards connected, but no ping crosses sevpn{last_error(topo)}", file=sys.stderr)
+            return 1
         pids = {"hub": procstat.find_pid(topo.hub_ns, b"sevpn-hub"),
                 "card 1": procstat.find_pid(topo.host(1), b"sevpn-nic"),
                 "card 2": procstat.find_pid(topo.host(2), b"sevpn-nic")}

@@ -12,7 +12,7 @@ options apply to each direction of each segment::
 
 so card to card crosses two lines (C{--delay-ms 10}: 20 ms RTT card to
 hub, 40 ms card to card; C{--loss 1}: about 2% over the two lines).
-Addresses are those of L{tests.netns.Topology}.  Offloads (checksum, SG,
+Addresses are those of L{scripts.netns.Topology}.  Offloads (checksum, SG,
 TSO, GSO, GRO) are off on all four veth ends of a line so that every frame
 on it is at most the MTU: wanem never forwards a larger one.
 """
