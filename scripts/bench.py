@@ -1,10 +1,15 @@
 """
 make bench: iperf3 TCP (both directions) and ping through sevpn between
 two namespaces, beside the same over the bare veth path through the hub's
-namespace.  A benchmark, not a test: it prints figures and asserts nothing.
+namespace; then the same card to card over three emulated internet lines
+(scripts/bench_wan.py, docs/bench-real-lines.md).  A benchmark, not a
+test: it prints figures and asserts nothing.
 
-    DUR=10 make bench          seconds per iperf3 run
+    make bench DUR=10          seconds per iperf3 run (about 7 minutes in all at 10)
+    make bench LINES=0         the veth table only (about 2 minutes)
+    make bench LINES=A,C       the veth table and lines A and C only
     SEVPN_NIC_ARGS="..."       extra flags for both cards
+    BENCH_JSON=FILE            the lines' figures and ss samples as JSON
 """
 
 import json
@@ -17,7 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts import bench_wan  # noqa: E402
 from scripts.netns import script_topology, two_cards  # noqa: E402
+from scripts.wan import select_lines  # noqa: E402
 
 DUR = int(os.environ.get("DUR", "10"))
 
@@ -69,6 +76,11 @@ def measure(topo, addr):
 
 
 def main():
+    try:
+        lines = select_lines(os.environ.get("LINES"))
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
     topo = script_topology("bench")
     results = {}
     try:
@@ -95,7 +107,8 @@ def main():
         b, s = results["bare veth"], results["sevpn"]
         print(f"\nsevpn/bare: TCP {s['tcp_mbps'] / b['tcp_mbps']:.3f}, "
               f"TCP -R {s['tcp_reverse_mbps'] / b['tcp_reverse_mbps']:.3f}")
-    return 0
+    sys.stdout.flush()
+    return bench_wan.main(lines)
 
 
 if __name__ == "__main__":
