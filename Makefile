@@ -11,16 +11,28 @@ SOURCES := $(shell find sevpn twisted -name '*.py') setup.cfg pyproject.toml
 
 all: install
 
-# OS tools the demo, the tests and the benchmark drive.
+# OS tools the demo, the tests and the benchmark drive (command:package):
+# namespaces and traffic; real programs the system tests meet (proxies,
+# DHCP, FRR, a browser, systemd's analyzer); the WAN emulator's compiler.
+SYSTEM_TOOLS := ip:iproute2 ss:iproute2 bridge:iproute2 ping:iputils-ping iperf3:iperf3 \
+	ethtool:ethtool cc:gcc openssl:openssl useradd:passwd \
+	tinyproxy:tinyproxy danted:dante-server squid:squid \
+	dnsmasq:dnsmasq-base dhclient:isc-dhcp-client \
+	bgpd:frr vtysh:frr chromium:chromium systemd-analyze:systemd
 system-deps:
 	@missing=""; \
-	for tool in ip:iproute2 ss:iproute2 ping:iputils-ping iperf3:iperf3 chromium:chromium; do \
-	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
+	for tool in $(SYSTEM_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin:/usr/lib/frr" command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  policy=""; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod +x /usr/sbin/policy-rc.d; policy=1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null; status=$$?; \
+	  [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	  exit $$status; \
 	fi
 
 # A plain (non-editable) install, as users get it; redone when sources change.

@@ -33,7 +33,7 @@ from scripts.netns import Topology, skip_reason, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Where wanem.c is read from (WANEM_SRC overrides) and where it is built.
-WANEM_SRC = os.environ.get("WANEM_SRC", "/work/shared/bench/wan/wanem.c")
+WANEM_SRC = os.environ.get("WANEM_SRC", os.path.join(os.path.dirname(os.path.abspath(__file__)), "wanem.c"))
 WANEM_BUILD = os.path.join(REPO, "build", "wanem")
 
 
