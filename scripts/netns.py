@@ -194,7 +194,8 @@ class Topology:
             sevpn("hub", "create", hub, "--state-dir", self.hub_state, check=False)
         sevpn("hub", "user", "add", user, "--hub", hub, "--state-dir", self.hub_state, "--password-file", pw)
 
-    def start_hub(self, *extra: str) -> subprocess.Popen:
+    def start_hub(self, *extra: str, listen: Optional[str] = "tcp:5555") -> subprocess.Popen:
+        """Start the hub (C{listen=None}: on its default listening address)."""
         hostnames = []
         for i in range(1, len(self.hosts) + 1):
             hostnames += ["--hostname", self.hub_addr(i)]
@@ -203,7 +204,7 @@ class Topology:
             os.unlink(stale)
         self.hub_proc = self.spawn(
             self.hub_ns, "hub", os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-hub",
-            "--state-dir", self.hub_state, "--listen", "tcp:5555", *hostnames, *extra,
+            "--state-dir", self.hub_state, *(["--listen", listen] if listen else []), *hostnames, *extra,
         )
         wait_for(lambda: os.path.exists(os.path.join(self.hub_state, "control.sock")), 30, "the hub to start")
         return self.hub_proc
@@ -218,11 +219,12 @@ class Topology:
                 proc.wait(5)
 
     def start_card(self, i: int, user: Optional[str] = None, connect: bool = True, hub_name: str = "DEFAULT",
+                   hub: Optional[str] = None,
                    password_file: Optional[str] = None, extra=()) -> subprocess.Popen:
         args = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-nic", "--state-dir", self.card_state(i),
                 "--tap", "sv0"]
         if connect:
-            args += ["--hub", f"{self.hub_addr(i)}:5555", "--hub-name", hub_name, "--user", user or f"u{i}",
+            args += ["--hub", hub or f"{self.hub_addr(i)}:5555", "--hub-name", hub_name, "--user", user or f"u{i}",
                      "--password-file", password_file or os.path.join(self.dir, "password"),
                      "--ca-file", os.path.join(self.hub_state, "ca.pem")]
         stale = os.path.join(self.card_state(i), "control.sock")

@@ -9,7 +9,7 @@ password the card must present to the hub.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 from sevpn import defaults
@@ -51,12 +51,16 @@ class Account:
     auto_reconnect: bool = True
     #: C{http://[user:pass@]host:port} or C{socks5://...}: reach the hub through this proxy.
     proxy: Optional[str] = None
+    #: More nodes of the same hub (a fabric), tried in order after C{hub}.
+    more_hubs: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_name("account", self.name)
         check_name("virtual hub", self.hub_name)
         check_name("user", self.user)
         self.host, self.port = parse_hub_address(self.hub)
+        #: Every node to dial, in order: (address as given, host, port).
+        self.addresses = [(self.hub, self.host, self.port)] + [(a, *parse_hub_address(a)) for a in self.more_hubs]
         if self.proxy:
             from sevpn.proxy import parse_proxy_url
 
@@ -68,6 +72,12 @@ class Account:
     @property
     def verify_name(self) -> str:
         return self.server_name or self.host
+
+    @property
+    def hubs_text(self) -> str:
+        """The nodes, for a log line: C{a:5555} or C{a:5555 (then b:5555)}."""
+        more = ", ".join(self.more_hubs)
+        return f"{self.hub} (then {more})" if more else self.hub
 
     def public(self) -> dict:
         """The account without its secrets (the password, the proxy's password)."""

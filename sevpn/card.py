@@ -164,6 +164,8 @@ class Card:
         self._retry_call = None
         self._window_call = None
         self._link: Optional[Link] = None
+        #: Which of the account's hub addresses is dialled (they are tried in turn).
+        self._node = 0
         #: The link of the current attempt while it waits for the hub's answer.
         self._handshaking: Optional[Link] = None
         self._waiters = []
@@ -172,6 +174,13 @@ class Card:
     def offload(self) -> bool:
         """Whether the LAN side hands over offload super-frames."""
         return bool(self.lan.offload)
+
+    @property
+    def address(self) -> str:
+        """The hub address dialled now (the account may list several nodes)."""
+        if self.account is None:
+            return ""
+        return self.account.addresses[self._node % len(self.account.addresses)][0]
 
     @property
     def state(self) -> str:
@@ -186,7 +195,8 @@ class Card:
 
     def connect(self, account: Account) -> None:
         """Dial C{account} and keep it connected (raises if it is unusable)."""
-        self._endpoint = self.endpoint_for(account)  # a sentence if unusable
+        endpoints = self.endpoint_for(account)  # a sentence if unusable
+        self._endpoints = list(endpoints) if isinstance(endpoints, (list, tuple)) else [endpoints]
         self._connect(account)
 
     def disconnect(self, reason: str = "disconnected by the user") -> Deferred:
@@ -252,6 +262,7 @@ class Card:
         self._dialing = None
         self._handshaking = None
         self.failures += 1
+        self._node += 1  # the next node of the hub, if it has several
         if self.account is not None and not self.account.auto_reconnect:
             self._give_up(reason)
         else:
@@ -350,12 +361,13 @@ class Card:
     @_machine.output()
     def _start(self, account: Account) -> None:
         self.account = account
+        self._node = 0
         self.last_error = None
         self.attempts = 0
         self.failures = 0
         self.log.info(
             "connecting to hub {hub} at {addr} as user {user}{through}",
-            hub=account.hub_name, addr=account.hub, user=account.user,
+            hub=account.hub_name, addr=account.hubs_text, user=account.user,
             through=f" through the proxy {account.public()['proxy']}" if account.proxy else "",
         )
         self._dial()
@@ -405,7 +417,7 @@ class Card:
         self.connected_since = self.clock.seconds()
         self.log.info(
             "connected to hub {hub} at {addr} as {user}: cable plugged in",
-            hub=self.account.hub_name, addr=self.account.hub, user=self.account.user,
+            hub=self.account.hub_name, addr=self.address, user=self.account.user,
         )
 
     @_machine.output()
@@ -425,7 +437,7 @@ class Card:
         self._attach(link, welcome.received)
         self.log.info(
             "resumed session with hub {hub} at {addr}: {n} frames resent, nothing lost",
-            hub=self.account.hub_name, addr=self.account.hub, n=session.sent.retransmitted - resent_before,
+            hub=self.account.hub_name, addr=self.address, n=session.sent.retransmitted - resent_before,
         )
 
     def _attach(self, link: Link, peer_received: int) -> None:
@@ -440,7 +452,7 @@ class Card:
         self.last_error = f"the hub refused the connection: {refused.message}"
         self.log.error(
             "hub {hub} at {addr} refused user {user}: {message}; not retrying until you connect again",
-            hub=self.account.hub_name, addr=self.account.hub, user=self.account.user,
+            hub=self.account.hub_name, addr=self.address, user=self.account.user,
             message=refused.message,
         )
 
@@ -448,7 +460,7 @@ class Card:
     def _note_failure(self, reason: str) -> None:
         if reason != self.last_error:
             self.last_error = reason
-            self.log.warn("cannot connect to hub {addr}: {reason}; retrying", addr=self.account.hub, reason=reason)
+            self.log.warn("cannot connect to hub {addr}: {reason}; retrying", addr=self.address, reason=reason)
 
     @_machine.output()
     def _retry_later(self, reason: str) -> None:
@@ -463,7 +475,7 @@ class Card:
         self.last_error = reason
         self.log.warn(
             "lost the link to hub {addr} ({reason}); holding frames and resuming within {w:g} s",
-            addr=self.account.hub, reason=reason, w=self.resume_window,
+            addr=self.address, reason=reason, w=self.resume_window,
         )
 
     @_machine.output()
@@ -487,13 +499,13 @@ class Card:
 
     @_machine.output()
     def _log_closed(self, reason: str) -> None:
-        self.log.info("hub {addr} closed the session ({reason}); reconnecting", addr=self.account.hub, reason=reason)
+        self.log.info("hub {addr} closed the session ({reason}); reconnecting", addr=self.address, reason=reason)
 
     @_machine.output()
     def _log_window_passed(self) -> None:
         self.log.warn(
             "could not resume within {w:g} s: cable unplugged; still trying to reach hub {addr}",
-            w=self.resume_window, addr=self.account.hub,
+            w=self.resume_window, addr=self.address,
         )
 
     @_machine.output()
@@ -507,7 +519,7 @@ class Card:
 
         self.attempts += 1
         attempt = self._attempt = object()
-        d = self._dialing = self._endpoint.connect(CardLinkFactory(self, attempt))
+        d = self._dialing = self._endpoints[self._node % len(self._endpoints)].connect(CardLinkFactory(self, attempt))
 
         def failed(failure):
             if not failure.check(CancelledError):
@@ -552,7 +564,7 @@ class Card:
         info = {
             "state": self.state,
             "account": account.name if account else None,
-            "hub": account.hub if account else None,
+            "hub": self.address if account else None,
             "hub_name": account.hub_name if account else None,
             "user": account.user if account else None,
             "mac": format_mac(self.mac),

@@ -28,17 +28,21 @@ from sevpn.users import StateError
 def tls_endpoint_for(reactor):
     """
     How a card reaches a hub: TCP (through the account's proxy, if any),
-    then TLS end to end, verified against the CA file.
+    then TLS end to end, verified against the CA file; one endpoint per
+    node the account lists, dialled in turn.
     """
 
     def endpoint_for(account: Account):
-        try:
-            options = client_tls_options(account.ca_file, account.verify_name)
-        except OSError as e:
-            raise StateError(f"cannot read the CA file {account.ca_file}: {e.strerror}")
-        except Exception as e:
-            raise StateError(f"the CA file {account.ca_file} holds no usable certificate ({e})")
-        return TLSClientEndpoint(options, proxy.endpoint_for(reactor, account.proxy, account.host, account.port))
+        endpoints = []
+        for _, host, port in account.addresses:
+            try:
+                options = client_tls_options(account.ca_file, account.server_name or host)
+            except OSError as e:
+                raise StateError(f"cannot read the CA file {account.ca_file}: {e.strerror}")
+            except Exception as e:
+                raise StateError(f"the CA file {account.ca_file} holds no usable certificate ({e})")
+            endpoints.append(TLSClientEndpoint(options, proxy.endpoint_for(reactor, account.proxy, host, port)))
+        return endpoints
 
     return endpoint_for
 

@@ -18,8 +18,10 @@ def card_state_dir(tap: str) -> str:
 
 #: The hub's TCP port, and the port a card dials when an address has none.
 PORT = 5555
-#: What a hub listens on.
-LISTEN = ("tcp:5555",)
+#: What a hub listens on: IPv6 and IPv4 on one dual-stack socket (where the
+#: host has no IPv6, or keeps IPv6 sockets IPv6-only, the hub says so and
+#: listens on IPv4 too; see L{sevpn.hubservice.listen_descriptions}).
+LISTEN = ("tcp6:5555",)
 #: The TAP device a card creates.
 TAP_NAME = "sevpn0"
 #: The default card's state dir.

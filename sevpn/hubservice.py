@@ -8,8 +8,9 @@ is only looked up when none is given.
 from __future__ import annotations
 
 import os
+import socket
 from functools import partial
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, maybeDeferred
@@ -30,6 +31,30 @@ from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
 from sevpn.tls import TLSFactory
 from sevpn.users import HubState, StateError
+
+
+def listen_descriptions(listen: Sequence[str]) -> List[str]:
+    """
+    What to listen on.  The default (L{defaults.LISTEN}) is one IPv6 socket
+    that takes IPv4 too; where the host has no IPv6 that becomes IPv4
+    alone, and where IPv6 sockets are IPv6-only (C{bindv6only}) IPv4 is
+    added beside it.  Explicit endpoints are taken as they are.
+    """
+    listen = list(listen)
+    if listen and listen != list(defaults.LISTEN):
+        return listen
+    port = defaults.PORT
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        probe.close()
+    except OSError:
+        return [f"tcp:{port}"]
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only") as f:
+            v6only = f.read().strip() == "1"
+    except OSError:
+        v6only = False
+    return [f"tcp6:{port}", f"tcp:{port}"] if v6only else [f"tcp6:{port}"]
 
 
 def release_large_blocks() -> None:
@@ -73,7 +98,7 @@ class HubService(Service):
         """
         self.limits = dict(limits or {})
         self.state_dir = state_dir
-        self.listen = list(listen) or list(defaults.LISTEN)
+        self.listen = listen_descriptions(listen)
         self.hostnames = list(hostnames)
         self.resume_window = resume_window
         self.keepalive = keepalive or Keepalive()

@@ -50,7 +50,7 @@ class Options(CommonOptions):
             raise usage.UsageError("--metrics-public needs --metrics ENDPOINT")
 
     def opt_listen(self, description: str) -> None:
-        """Endpoint to listen on, e.g. tcp:5555 or tcp6:port=5555 (repeatable; default tcp:5555)."""
+        """Endpoint to listen on, e.g. tcp:5555 or tcp6:5555 (repeatable; default: IPv6 and IPv4 on 5555)."""
         self["listen"].append(description)
 
     def opt_hostname(self, name: str) -> None:

@@ -117,20 +117,24 @@ class Link(Protocol):
     _closed = False
 
     def peer_name(self) -> str:
+        """The peer as C{host:port} (C{[v6]:port}), for logs and status."""
+        host = self.peer_address()
         try:
-            peer = self.transport.getPeer()
-            host = getattr(peer, "host", peer)
-            port = getattr(peer, "port", "")
-            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}".rstrip(":")
+            port = getattr(self.transport.getPeer(), "port", "")
         except Exception:
-            return "peer"
+            port = ""
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}".rstrip(":")
 
     def peer_address(self) -> str:
-        """The peer's address without the port (what throttles are keyed on)."""
+        """
+        The peer's address without the port (what throttles are keyed on);
+        an IPv4 card reaching a dual-stack listener is shown as IPv4.
+        """
         try:
-            return str(getattr(self.transport.getPeer(), "host", "peer"))
+            host = str(getattr(self.transport.getPeer(), "host", "peer"))
         except Exception:
             return "peer"
+        return host[7:] if host.startswith("::ffff:") and "." in host else host
 
     # incoming --------------------------------------------------------------
 

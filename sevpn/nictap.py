@@ -28,7 +28,6 @@ class Options(CommonOptions):
         ["state-dir", "d", None, "Where the card keeps its MAC and accounts (default /var/lib/sevpn/nic-TAP)."],
         ["tap", "i", defaults.TAP_NAME, "Name of the TAP device to create."],
         ["account", "a", None, "Connect with this saved account at start."],
-        ["hub", None, None, "The hub's address, HOST:PORT."],
         ["hub-name", None, defaults.VIRTUAL_HUB, "The virtual hub to join."],
         ["user", "u", None, "User name on the virtual hub."],
         ["password-file", None, None, "File whose first line is the password ('-' for standard input)."],
@@ -41,6 +40,18 @@ class Options(CommonOptions):
         ["no-auto-reconnect", None, "Do not reconnect after the link fails."],
         ["no-offload", None, "Open the TAP without kernel offload (no 64 KiB super-frames; slower)."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["hub"] = None
+        self["more-hubs"] = []
+
+    def opt_hub(self, address: str) -> None:
+        """The hub's address, HOST:PORT; repeat it for the other nodes of a fabric, tried in turn."""
+        if self["hub"]:
+            self["more-hubs"].append(address)
+        else:
+            self["hub"] = address
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -70,6 +81,7 @@ class Options(CommonOptions):
                     server_name=self["server-name"],
                     auto_reconnect=not self["no-auto-reconnect"],
                     proxy=self["proxy"],
+                    more_hubs=self["more-hubs"],
                 )
             except (StateError, UnicodeDecodeError) as e:
                 raise usage.UsageError(str(e))

@@ -44,7 +44,7 @@ def _san(names: Iterable[str]) -> List[x509.GeneralName]:
 
 
 def server_names(hostnames: Iterable[str]) -> List[str]:
-    names = ["localhost", "127.0.0.1"]
+    names = ["localhost", "127.0.0.1", "::1"]
     for h in hostnames:
         if h not in names:
             names.append(h)

@@ -451,3 +451,48 @@ class ReadmeTable(SynchronousTestCase):
         self.lab.network.pump()
         self.lab.network.cut()
         return card
+
+
+class SeveralNodes(SynchronousTestCase):
+    """An account that lists several nodes of a hub: tried in turn, and the card moves when its node goes."""
+
+    def setUp(self):
+        from sevpn.card import Card, NicSide
+        from tests.support import FakeTap, MemoryNetwork
+
+        self.lab = Lab(self)
+        self.lab.user("u1")
+        self.node2 = Hub(self.lab.state, self.lab.clock)
+        self.net2 = MemoryNetwork(self.lab.clock, HubLinkFactory(self.node2, self.lab.clock, self.lab.keepalive))
+        self.card = Card(self.lab.clock, NicSide(FakeTap(self.lab.clock)), mac(1),
+                         lambda account: [self.lab.network, self.net2], keepalive=self.lab.keepalive)
+        from sevpn.accounts import Account
+
+        self.account = Account(name="fabric", hub="192.0.2.2:5555", more_hubs=["192.0.2.3:5555"], user="u1",
+                               password="secret", ca_file="/nonexistent")
+
+    def run_both(self, seconds):
+        end = self.lab.clock.seconds() + seconds
+        while self.lab.clock.seconds() < end:
+            self.lab.network.pump()
+            self.net2.pump()
+            self.lab.clock.advance(0.05)
+
+    def test_the_next_node_when_the_first_is_down(self):
+        self.lab.network.up = False
+        self.card.connect(self.account)
+        self.run_both(3)
+        self.assertEqual(self.card.state, card_states.CONNECTED)
+        self.assertEqual(self.card.status()["hub"], "192.0.2.3:5555")
+        self.assertEqual(len(self.node2.sessions), 1)
+
+    def test_moves_when_its_node_goes(self):
+        self.card.connect(self.account)
+        self.run_both(1)
+        self.assertEqual(self.card.status()["hub"], "192.0.2.2:5555")
+        self.lab.network.cut()  # node 1 is gone, and stays gone
+        self.run_both(10)
+        self.assertEqual(self.card.state, card_states.CONNECTED)
+        self.assertEqual(self.card.status()["hub"], "192.0.2.3:5555")
+        # a fresh session on the other node: the cable was unplugged and plugged in again
+        self.assertEqual(self.card.lan.tap.carrier_changes, [True, False, True])

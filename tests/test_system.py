@@ -365,3 +365,51 @@ class ResumeWindow(SystemTestCase):
         self.assertEqual(topo.carrier(1), "1")
         topo.ping(1, 2)
         self.assertIn("could not resume within 3 s", topo.log("card1"))
+
+
+class IPv6Underlay(SystemTestCase):
+    """
+    Hub and cards that reach each other over IPv6 only: the hub on its
+    default listening address, one card dialling an IPv6 literal, one a
+    host name that has only an IPv6 address.
+    """
+
+    @classmethod
+    def start(cls, topo):
+        cls.v6 = {}
+        for i in (1, 2):
+            hub_side = f"{topo.tag}v{i}"[-15:]
+            hub6, host6 = f"fd{topo.subnet:02x}:{i}::1", f"fd{topo.subnet:02x}:{i}::2"
+            cls.v6[i] = hub6
+            topo.ip("-n", topo.hub_ns, "addr", "flush", "dev", hub_side, "scope", "global")
+            topo.ip("-n", topo.host(i), "addr", "flush", "dev", "eth0", "scope", "global")
+            topo.ip("-n", topo.hub_ns, "addr", "add", f"{hub6}/64", "dev", hub_side, "nodad")
+            topo.ip("-n", topo.host(i), "addr", "add", f"{host6}/64", "dev", "eth0", "nodad")
+        # a name with only an IPv6 address, as the card's resolver sees it
+        cls.hosts_dir = f"/etc/netns/{topo.host(2)}"
+        os.makedirs(cls.hosts_dir, exist_ok=True)
+        with open(os.path.join(cls.hosts_dir, "hosts"), "w") as f:
+            f.write(f"{cls.v6[2]} hub6.sevpn.test\n")
+        topo.add_user("u1")
+        topo.add_user("u2")
+        topo.start_hub("--hostname", cls.v6[1], "--hostname", "hub6.sevpn.test", listen=None)
+        topo.start_card(1, hub=f"[{cls.v6[1]}]:5555")
+        topo.start_card(2, hub="hub6.sevpn.test:5555")
+        for i in (1, 2):
+            topo.wait_connected(i)
+
+    def _done(self):
+        if type(self)._remaining == 1:
+            import shutil
+
+            shutil.rmtree(type(self).hosts_dir, ignore_errors=True)
+        super()._done()
+
+    def test_cards_talk_over_an_ipv6_only_underlay(self):
+        topo = self.topo
+        self.assertNotIn("inet ", topo.run(topo.host(1), "ip", "-4", "addr", "show", "dev", "eth0"))
+        topo.ping(1, 2)
+        result, expected = transfer_result(topo, *transfer(topo, 1, 2, 5))
+        self.assertEqual(result["sha256"], expected)
+        peers = sorted(s["peer"] for s in topo.hub_sessions())
+        self.assertTrue(all(p.startswith("[fd") for p in peers), peers)

@@ -16,7 +16,8 @@ def account_add(args) -> None:
         raise CommandError(f"the CA file {args.ca_file} does not exist")
     account = Account(
         name=args.name,
-        hub=args.hub,
+        hub=args.hub[0],
+        more_hubs=args.hub[1:],
         user=args.user,
         password=password(args.password_file),
         ca_file=ca_file,
@@ -49,7 +50,8 @@ def register(roles) -> None:
     state = CARD_STATE_DIR
     p = command(accounts, "add", account_add, "save a connection entry", state)
     p.add_argument("name")
-    p.add_argument("--hub", required=True, help="the hub's HOST:PORT")
+    p.add_argument("--hub", required=True, action="append",
+                   help="the hub's HOST:PORT; repeat it for the other nodes of a fabric, tried in turn")
     p.add_argument("--hub-name", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
     p.add_argument("--user", required=True)
     p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
