@@ -112,7 +112,8 @@ class TwoSites(SynchronousTestCase):
         self.assertEqual(status["state"], card_states.REFUSED)
         self.assertIn("may not connect a cascade", status["last_error"])
         self.assertEqual(cascade_sessions(self.sites["B"]), [])
-        self.assertEqual(log.count("asked for a cascade and is not a cascade user"), 1)
+        self.assertEqual(log.count("refused 'from-A-ab' from 192.0.2.1:40001 on virtual hub 'DEFAULT': "
+                                   "this user may not connect a cascade"), 1)
         # the remote operator allows it; adding the cascade again retries at once
         self.sites["B"].state.set_cascade_user("DEFAULT", cascade.config.user, True)
         self.sites.managers["A"].reload()
