@@ -43,6 +43,11 @@ from sevpn.timing import Keepalive
 from sevpn.users import StateError, check_name
 
 DIRECTORY = "cascades"
+#: Counters every cascade row carries, 0 while it has no session.
+COUNTERS = (
+    "frames_in", "frames_out", "bytes_in", "bytes_out", "resumes", "frames_buffered", "frames_retransmitted",
+    "frames_dropped", "congestion_drops", "bad_frames", "macs", "reconnects",
+)
 
 
 @dataclass
@@ -212,14 +217,15 @@ class Cascade:
             "user": config.user,
         }
         if self.card is None:
-            info.update({"state": "disconnected", "last_error": self.error, "id": None})
-            return info
-        status = self.card.status()
-        for key in ("account", "hub_name", "tap", "carrier", "mac", "offload"):
-            status.pop(key, None)
-        status["id"] = status.pop("session")
-        status.pop("hub", None)
-        info.update(status)
+            info.update({"state": "disconnected", "last_error": self.error, "id": None, "loop_state": None})
+        else:
+            status = self.card.status()
+            for key in ("account", "hub", "hub_name", "tap", "carrier", "mac", "offload"):
+                status.pop(key, None)
+            status["id"] = status.pop("session")
+            info.update(status)
+        for key in COUNTERS:
+            info.setdefault(key, 0)
         return info
 
 

@@ -180,6 +180,7 @@ class TwoSites(SynchronousTestCase):
         [row] = result["cascades"]
         self.assertEqual(row["state"], "disconnected")
         self.assertIn("no virtual hub named NOSUCH", row["last_error"])
+        self.assertEqual((row["frames_in"], row["resumes"], row["loop_state"]), (0, 0, None))
 
     def test_config_is_checked(self):
         with self.assertRaises(StateError):
