@@ -287,12 +287,6 @@ class LoopGuard:
                 link.timer.cancel()
             link.timer = None
 
-    def stop(self) -> None:
-        """Stop probing (the hub shuts down)."""
-        for segment in self.segments.values():
-            for port in list(segment.ports):
-                self.remove(segment.vhub, port)
-
     # probing -------------------------------------------------------------------
 
     def _probe(self, segment: Segment, link: OwnLink) -> None:
