@@ -98,11 +98,14 @@ def two_cards(topo, hub_args=(), card_args=()):
 class Topology:
     """A hub namespace and card-host namespaces, each on its own veth."""
 
+    #: The first letters of every namespace and device name.
+    prefix = "sv"
+
     def __init__(self, hosts: int) -> None:
         reason = skip_reason()
         if reason:
             raise SkipTest(reason)
-        self.tag = f"sv{os.getpid() % 100000}{int(time.time() * 1000) % 1000}"
+        self.tag = f"{self.prefix}{os.getpid() % 100000}{int(time.time() * 1000) % 1000}"
         self.dir = tempfile.mkdtemp(prefix="sevpn-system-")
         self.hub_ns = f"{self.tag}-hub"
         self.hosts: List[str] = []
@@ -148,15 +151,20 @@ class Topology:
     def tap_addr(self, i: int) -> str:
         return f"192.168.{self.subnet}.{i}"
 
+    def hub_of(self, i: int) -> str:
+        """The namespace of the hub card host C{i} is wired to."""
+        return self.hub_ns
+
     def add_host(self, i: int) -> str:
         ns = self.host(i)
+        hub_ns = self.hub_of(i)
         self._ns(ns)
         self.hosts.append(ns)
         hv = f"{self.tag}v{i}"[-15:]
-        self.ip("link", "add", hv, "netns", self.hub_ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        self.ip("-n", self.hub_ns, "addr", "add", f"{self.hub_addr(i)}/24", "dev", hv)
+        self.ip("link", "add", hv, "netns", hub_ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self.ip("-n", hub_ns, "addr", "add", f"{self.hub_addr(i)}/24", "dev", hv)
         self.ip("-n", ns, "addr", "add", f"{self.host_addr(i)}/24", "dev", "eth0")
-        self.ip("-n", self.hub_ns, "link", "set", hv, "up")
+        self.ip("-n", hub_ns, "link", "set", hv, "up")
         self.ip("-n", ns, "link", "set", "eth0", "up")
         return ns
 
@@ -226,7 +234,7 @@ class Topology:
         if connect:
             args += ["--hub", hub or f"{self.hub_addr(i)}:5555", "--hub-name", hub_name, "--user", user or f"u{i}",
                      "--password-file", password_file or os.path.join(self.dir, "password"),
-                     "--ca-file", os.path.join(self.hub_state, "ca.pem")]
+                     "--ca-file", self.ca_file(i)]
         stale = os.path.join(self.card_state(i), "control.sock")
         if os.path.exists(stale):
             os.unlink(stale)
@@ -238,6 +246,10 @@ class Topology:
             raise AssertionError(f"card {i} exited: {self.log(f'card{i}')[-2000:]}")
         self.run(ns, "ip", "addr", "replace", f"{self.tap_addr(i)}/24", "dev", "sv0")
         return proc
+
+    def ca_file(self, i: int) -> str:
+        """The CA certificate of the hub card C{i} dials."""
+        return os.path.join(self.hub_state, "ca.pem")
 
     def card_status(self, i: int) -> dict:
         return json.loads(sevpn("nic", "status", "--json", "--state-dir", self.card_state(i)).stdout)

@@ -26,7 +26,7 @@ of a service hidden underneath.  I/O is injected: the LAN side
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, FrozenSet, Optional
 
 from automat import MethodicalMachine
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -127,6 +127,7 @@ class Card:
     @param lan: the LAN side (L{ILanSide}).
     @param endpoint_for: C{account -> IStreamClientEndpoint}; raises a
         L{sevpn.users.StateError} with a sentence if the account is unusable.
+    @param features: more features to ask for in the hello (a cascade's).
     """
 
     _machine = MethodicalMachine()
@@ -142,8 +143,10 @@ class Card:
         resume_window: float = defaults.RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
         backoff: Optional[Callable[[int], float]] = None,
+        features: FrozenSet[str] = frozenset(),
     ) -> None:
         self.clock = clock
+        self.features = frozenset(features)
         self.lan = lan
         self.mac = mac
         self.endpoint_for = endpoint_for
@@ -222,7 +225,7 @@ class Card:
             user=account.user,
             password=account.password,
             mac=format_mac(self.mac),
-            features=frozenset([wire.FEATURE_OFFLOAD]) if self.offload else frozenset(),
+            features=self.features | ({wire.FEATURE_OFFLOAD} if self.offload else frozenset()),
             resume=self.session.resume_request() if self.session is not None else None,
         )
 

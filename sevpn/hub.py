@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from sevpn import defaults, wire
 from sevpn.guard import LoginGuard, SourceSummary
+from sevpn.loops import LoopGuard
 from sevpn.mac import InvalidMAC, format_mac, parse_mac
 from sevpn.port import SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT, Budget
@@ -63,6 +64,8 @@ class HubSession(Session):
         self.peer = ""
         self.expiry = None
         self.ended = False
+        #: Another hub's cascade (a whole LAN behind this session), not a card.
+        self.cascade = False
 
     def __repr__(self) -> str:
         return f"<HubSession {self.id} {self.user}@{self.vhub.name}>"
@@ -83,8 +86,11 @@ class HubSession(Session):
             "offload": self.offload,
             "uptime": round(now - self.started, 1),
             "macs": len(self.port.macs),
+            "kind": "cascade" if self.cascade else "card",
         }
         info.update(self.port.counters())
+        if self.cascade:
+            info.update(self.hub.loops.describe(self.vhub, self.port))
         return info
 
 
@@ -128,6 +134,8 @@ class Hub:
         #: Refused logins by refusal code.
         self.refusals_by_code: Dict[str, int] = {}
         self._sweep_call = None
+        #: Finds and breaks loops of cascades (see L{sevpn.loops}).
+        self.loops = LoopGuard(clock)
 
     def vhub(self, name: str) -> VirtualHub:
         vhub = self.vhubs.get(name)
@@ -224,19 +232,27 @@ class Hub:
         if len(self.sessions) >= self.max_sessions:
             raise self._refuse(peer, address, hello, Refusal.HUB_FULL)
         policy = self.state.policy(hello.hub, hello.user)
+        cascade = wire.FEATURE_CASCADE in hello.features
+        if cascade and not self.state.cascade_user(hello.hub, hello.user):
+            raise self._refuse(peer, address, hello, Refusal.CASCADE_NOT_ALLOWED)
         limit = policy.get("max_sessions") or self.max_sessions_per_user
         if limit and sum(1 for s in self.sessions.values() if s.user == hello.user and s.vhub.name == hello.hub) >= limit:
             raise self._refuse(peer, address, hello, Refusal.TOO_MANY_SESSIONS)
         vhub = self.vhub(hello.hub)
         session = HubSession(
             self, vhub, hello.user, os.urandom(8).hex(), os.urandom(32), card_mac,
-            wire.FEATURE_OFFLOAD in hello.features, max_macs=policy.get("max_macs") or 0,
+            wire.FEATURE_OFFLOAD in hello.features,
+            # a cascade has a whole LAN behind it: room for as many MACs as the table holds
+            max_macs=policy.get("max_macs") or (vhub.max_entries if cascade else 0),
         )
         session.peer = peer
+        session.cascade = cascade
         self.sessions[session.id] = session
         vhub.add_port(session.port)
-        if card_mac is not None:
-            vhub.claim(card_mac, session.port)
+        if cascade:
+            self.loops.add_remote_end(vhub, session.port)
+        elif card_mac is not None:
+            vhub.claim(card_mac, session.port)  # a cascade's hello MAC names no station
         self.log.info(
             "{user} joined virtual hub {hub} from {peer}: session {id}",
             user=hello.user, hub=hello.hub, peer=peer, id=session.id,
@@ -245,6 +261,9 @@ class Hub:
 
     def welcome(self, session: HubSession, resumed: bool) -> wire.Welcome:
         """The WELCOME for C{session}."""
+        features = {wire.FEATURE_OFFLOAD} if session.offload else set()
+        if session.cascade:
+            features.add(wire.FEATURE_CASCADE)
         return wire.Welcome(
             session=session.id,
             token=base64.b64encode(session.token).decode("ascii"),
@@ -252,7 +271,7 @@ class Hub:
             received=session.delivered,
             hub=session.vhub.name,
             resume_window=self.resume_window,
-            features=frozenset([wire.FEATURE_OFFLOAD]) if session.offload else frozenset(),
+            features=frozenset(features),
         )
 
     def _resumable(self, resume: wire.Resume, user: str, hub_name: str) -> Optional[HubSession]:
@@ -329,6 +348,7 @@ class Hub:
         session.ended = True
         self._cancel_expiry(session)
         self.sessions.pop(session.id, None)
+        self.loops.remove(session.vhub, session.port)
         session.vhub.remove_port(session.port)
         session.port.close()
         session.close()

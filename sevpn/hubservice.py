@@ -19,6 +19,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from sevpn import busypoll, control, defaults, web
+from sevpn.cardservice import tls_endpoint_for
+from sevpn.cascade import CascadeManager
 from sevpn.files import ensure_dir
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
@@ -110,6 +112,7 @@ class HubService(Service):
         self.metrics_public = metrics_public
         self.metrics_port = None
         self.hub: Optional[Hub] = None
+        self.cascades: Optional[CascadeManager] = None
         self.ports = []
         self.control_port = None
 
@@ -129,6 +132,7 @@ class HubService(Service):
             )
             self.hub.start()
             self.links = HubLinkFactory(self.hub, reactor, self.keepalive)
+            self.cascades = CascadeManager(self.hub, self.state_dir, tls_endpoint_for(reactor), self.keepalive)
             factory = TLSFactory(server_tls_options(cert, key), False, self.links)
             for description in self.listen:
                 result = []
@@ -141,14 +145,17 @@ class HubService(Service):
                 reactor,
                 self.state_dir,
                 {
-                    "sessions": self.hub.describe_sessions,
+                    "sessions": self.sessions,
                     "macs": self.hub.describe_macs,
                     "status": self.status,
+                    "cascades": self.cascades.describe,
+                    "cascade-reload": self.cascades.reload,
                 },
             )
             if self.metrics:
                 read = partial(read_hub, self.hub, self.links)
                 self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
+            self.cascades.reload()
         except (StateError, control.ControlError, OSError, ValueError) as e:
             self._close()
             if self.hub is not None:
@@ -161,6 +168,10 @@ class HubService(Service):
             listen=", ".join(self.listen), hubs=", ".join(state.hubs()), ca=os.path.join(self.state_dir, "ca.pem"),
         )
 
+    def sessions(self) -> list:
+        """The cards' and other hubs' cascades' sessions, then this hub's own cascades."""
+        return self.hub.describe_sessions() + self.cascades.describe()
+
     def status(self) -> dict:
         hub = self.hub
         return {
@@ -171,6 +182,8 @@ class HubService(Service):
             "handshaking": self.links.handshaking,
             "turned_away": self.links.turned_away,
             "resume_window": hub.resume_window,
+            "cascades": len(self.cascades.cascades),
+            "loops": hub.loops.counters(),
         }
 
     def _close(self) -> list:
@@ -184,9 +197,10 @@ class HubService(Service):
         notify("STOPPING=1", "STATUS=saying goodbye to the cards")
         """Say goodbye to every card, waiting at most two seconds for it."""
         Service.stopService(self)
+        cascades = self.cascades.stop() if self.cascades is not None else []
         links = self.hub.shutdown() if self.hub is not None else []
         closing = self._close()
-        goodbyes = gatherResults([link.when_closed() for link in links])
+        goodbyes = gatherResults([link.when_closed() for link in links] + cascades)
         goodbyes.addTimeout(2, reactor_or_global(self.reactor))
         done = gatherResults([goodbyes.addErrback(lambda _: None)] + closing)
         done.addBoth(lambda _: self.log.info("hub stopped"))

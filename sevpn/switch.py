@@ -31,6 +31,14 @@ be hostile):
  - each destination is sent its frames on its own: one port's failure never
    keeps the others from theirs.
 
+Two hooks for whoever guards the segment against loops
+(L{sevpn.loops.LoopGuard}), as 802.1D bridges have for their own
+protocol: frames to L{CONTROL_GROUP} are handed to C{on_control} instead
+of being forwarded (while no hook is set they are ordinary multicast), and
+a port may be I{blocked} (L{VirtualHub.block}): it takes part in nothing
+but control frames, its MACs are forgotten, and data from it is dropped
+and counted (C{blocked_drops}).
+
 Frames are switched in two steps: L{VirtualHub.forward} (per message) puts
 each frame in its destinations' outboxes, L{VirtualHub.flush} (once per read
 from the source) hands each destination its frames in one call.
@@ -52,6 +60,9 @@ DEFAULT_MAX_ENTRIES = 4096
 #: Source MACs one port may own unless it says otherwise (SoftEther's
 #: MaxMac policy): a card with a few VMs or a small bridged LAN behind it.
 DEFAULT_MAX_MACS = 16
+#: The group address of the hubs' own frames (loop probes between
+#: cascaded hubs): multicast, locally administered, "sevpn" in ASCII.
+CONTROL_GROUP = b"\x03sevpn"
 
 
 class MacEntry:
@@ -116,6 +127,12 @@ class VirtualHub:
         self.runts = 0
         self.bad_headers = 0
         self.port_failures = 0
+        #: C{on_control(vhub, source, frame)}: takes the frames to L{CONTROL_GROUP}.
+        self.on_control: Optional[Callable[["VirtualHub", IPort, Sequence], None]] = None
+        #: Ports taken out of forwarding (see L{block}).
+        self.blocked: Set[IPort] = set()
+        self.control_frames = 0
+        self.blocked_drops = 0
 
     # ports -----------------------------------------------------------------
 
@@ -128,6 +145,10 @@ class VirtualHub:
         """Detach a port for good and forget every MAC learned on it."""
         if port in self.ports:
             self.ports.remove(port)
+        self.blocked.discard(port)
+        self._forget_port(port)
+
+    def _forget_port(self, port: IPort) -> None:
         self._outbox.pop(port, None)
         for mac in list(port.macs):
             entry = self.table.get(mac)
@@ -137,10 +158,40 @@ class VirtualHub:
         for mac in [m for m, c in self.conflicts.items() if port in c.ports]:
             del self.conflicts[mac]
 
+    def block(self, port: IPort) -> None:
+        """
+        Take C{port} out of forwarding: nothing is switched to it, what it
+        brings is dropped (control frames excepted), its MACs are forgotten.
+        """
+        if port in self.ports:
+            self.ports.remove(port)
+            self.blocked.add(port)
+            self._forget_port(port)
+
+    def unblock(self, port: IPort) -> None:
+        """Let a blocked port forward again."""
+        if port in self.blocked:
+            self.blocked.discard(port)
+            self.ports.append(port)
+
+    def _blocked_input(self, source: IPort, frames: Sequence) -> None:
+        offset = source.mac_offset
+        control = self.on_control
+        for frame in frames:
+            if control is not None and frame[offset : offset + 6] == CONTROL_GROUP:
+                self.control_frames += 1
+                control(self, source, frame)
+            else:
+                self.blocked_drops += 1
+
     # the data path ---------------------------------------------------------
 
     def forward(self, source: IPort, frames: Sequence) -> None:
         """Put C{frames} that arrived on C{source} in their destinations' outboxes."""
+        if self.blocked and source in self.blocked:
+            self._blocked_input(source, frames)
+            return
+        control = self.on_control
         table = self.table
         outbox = self._outbox
         offset = source.mac_offset
@@ -157,6 +208,10 @@ class VirtualHub:
                 # Headers from the network are checked where they enter,
                 # not only before a kernel: no port relays a bad one.
                 self.bad_headers += 1
+                continue
+            if control is not None and frame[offset] & 1 and frame[offset : offset + 6] == CONTROL_GROUP:
+                self.control_frames += 1
+                control(self, source, frame)
                 continue
             src = bytes(frame[offset + 6 : offset + 12])
             if src != last_src:
@@ -306,5 +361,7 @@ class VirtualHub:
             "runts": self.runts,
             "bad_headers": self.bad_headers,
             "port_failures": self.port_failures,
+            "control_frames": self.control_frames,
+            "blocked_drops": self.blocked_drops,
             "macs": len(self.table),
         }

@@ -151,9 +151,36 @@ class HubState:
             self.ensure_default()
         users = dict(self.users(hub))
         new = user not in users
-        users[user] = {"password": hash_password(password)}
+        record = dict(users.get(user) or {})  # a new password keeps the user's policy
+        record["password"] = hash_password(password)
+        users[user] = record
         write_json(self._users_path(hub), {"users": users})
         return new
+
+    def set_cascade_user(self, hub: str, user: str, allowed: bool, max_macs: Optional[int] = None) -> None:
+        """
+        Let other hubs' cascades log in as C{user} (C{"cascade": true} in
+        its record), optionally with a MAC limit (its policy's
+        C{"max_macs"}), or no longer.
+        """
+        users = dict(self.users(hub))
+        if user not in users:
+            raise StateError(f"there is no user {user} on virtual hub {hub} (add it with 'sevpn hub user add')")
+        record = dict(users[user])
+        if allowed:
+            record["cascade"] = True
+            if max_macs is not None:
+                policy = record.get("policy")
+                record["policy"] = dict(policy if isinstance(policy, dict) else {}, max_macs=max_macs)
+        else:
+            record.pop("cascade", None)
+        users[user] = record
+        write_json(self._users_path(hub), {"users": users})
+
+    def cascade_user(self, hub: str, user: str) -> bool:
+        """Whether other hubs' cascades may log in as C{user}."""
+        record = self.users(hub).get(user) if self.exists(hub) else None
+        return isinstance(record, dict) and record.get("cascade") is True
 
     def delete_user(self, hub: str, user: str) -> None:
         users = dict(self.users(hub))

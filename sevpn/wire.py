@@ -60,6 +60,9 @@ NAMES = {
 #: Handshake feature: data frames carry a 10-byte virtio_net_hdr and may be
 #: 64 KiB kernel super-frames (see L{sevpn.offload}).
 FEATURE_OFFLOAD = "vnet-hdr"
+#: Handshake feature: the peer is another hub's cascade (a whole LAN behind
+#: one session), allowed only for users the hub's operator marked so.
+FEATURE_CASCADE = "cascade"
 
 
 #: The largest body accepted.  A DATA message batches frames up to
@@ -146,6 +149,8 @@ class Refusal:
     TOO_MANY_SESSIONS = "too-many-sessions"
     #: Too many failed logins from this address for this user.
     THROTTLED = "throttled"
+    #: The hello asks for a cascade, and the user is not a cascade user.
+    CASCADE_NOT_ALLOWED = "cascade-not-allowed"
 
     RETRY_LATER = frozenset({HUB_FULL, TOO_MANY_SESSIONS, THROTTLED})
 
@@ -155,6 +160,8 @@ class Refusal:
         HUB_FULL: "the hub has reached its session limit; try again later",
         TOO_MANY_SESSIONS: "this user has reached its session limit; try again later",
         THROTTLED: "too many failed logins; try again later",
+        CASCADE_NOT_ALLOWED: "this user may not connect a cascade (the hub's operator can allow it with "
+        "'sevpn hub cascade allow USER')",
     }
 
 

@@ -213,8 +213,8 @@ class FakeTap(Port):
 class Lab:
     """A hub and cards on one clock and one in-memory network."""
 
-    def __init__(self, testcase, resume_window: float = 60.0, buffer_limit: int = 1 << 20) -> None:
-        self.clock = Clock()
+    def __init__(self, testcase, resume_window: float = 60.0, buffer_limit: int = 1 << 20, clock=None) -> None:
+        self.clock = clock or Clock()
         self.state_dir = tempfile.mkdtemp(prefix="sevpn-test-")
         testcase.addCleanup(shutil.rmtree, self.state_dir, True)
         self.state = HubState(self.state_dir)
@@ -258,6 +258,72 @@ class Lab:
             card.connect(card.test_account)
             self.network.pump()
         return card
+
+
+class Sites:
+    """
+    Several hubs (each a L{Lab}: its hub, its network, its cards) on one
+    clock, and cascades between them: a cascade from site C{a} to site
+    C{b} dials C{b}'s network.
+    """
+
+    def __init__(self, testcase, names=("A", "B"), **kw) -> None:
+        from sevpn.cascade import CascadeManager
+
+        self.clock = Clock()
+        self.labs = {name: Lab(testcase, clock=self.clock, **kw) for name in names}
+        self.managers = {
+            name: CascadeManager(lab.hub, lab.state_dir, self.endpoint_for, lab.keepalive)
+            for name, lab in self.labs.items()
+        }
+
+    def __getitem__(self, name: str) -> Lab:
+        return self.labs[name]
+
+    def endpoint_for(self, account: Account):
+        return self.labs[account.host].network
+
+    def cascade_user(self, site: str, user: str, hub: str = "DEFAULT", allowed: bool = True, **policy) -> None:
+        lab = self.labs[site]
+        lab.user(user, hub=hub)
+        if allowed:
+            lab.state.set_cascade_user(hub, user, True, **policy)
+
+    def cascade(self, name: str, frm: str, to: str, hub: str = "DEFAULT", remote_hub: str = "DEFAULT",
+                user: Optional[str] = None, allowed: bool = True, **policy):
+        """Configure cascade C{name} from site C{frm} to site C{to}, as the CLI would, and poke the hub."""
+        from sevpn.cascade import CascadeConfig
+
+        user = user or f"from-{frm}-{name}"
+        self.cascade_user(to, user, remote_hub, allowed, **policy)
+        manager = self.managers[frm]
+        manager.store.save(CascadeConfig(
+            name=name, hub_name=hub, to=f"{to}:5555", remote_hub=remote_hub, user=user, password="secret",
+            ca_file="/nonexistent",
+        ))
+        manager.reload()
+        self.pump()
+        return manager.cascades[name]
+
+    def pump(self, rounds: int = 500) -> None:
+        for _ in range(rounds):
+            self.clock.advance(0)
+            moved = False
+            for lab in self.labs.values():
+                network = lab.network
+                for conn in list(network.connections):
+                    moved = conn.pump() or moved
+                network.connections = [c for c in network.connections if c.alive]
+            if not moved:
+                return
+
+    def run(self, seconds: float, step: float = 0.05) -> None:
+        """Let C{seconds} pass on the clock, pumping as we go."""
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end:
+            self.pump()
+            self.clock.advance(min(step, end - self.clock.seconds()))
+        self.pump()
 
 
 class Raw(Protocol):

@@ -39,7 +39,7 @@ class SystemTestCase(TestCase):
             cls._remaining = len([n for n in dir(cls) if n.startswith("test_")])
             cls._error = None
             try:
-                topo = Topology(cls.hosts)
+                topo = cls.make_topology()
             except SkipTest:
                 raise
             except BaseException as e:
@@ -62,6 +62,10 @@ class SystemTestCase(TestCase):
         cls._remaining -= 1
         if cls._remaining == 0 and cls.topo is not None:
             cls.topo.close()
+
+    @classmethod
+    def make_topology(cls) -> Topology:
+        return Topology(cls.hosts)
 
     @classmethod
     def start(cls, topo):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sevpn import control
+from sevpn.cli import cascade
 from sevpn.cli.common import CommandError, command, password, print_json, table
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.users import DEFAULT_HUB, HubState
@@ -60,7 +61,7 @@ def hub_sessions(args) -> None:
         return
     table(
         rows,
-        ["id", "hub", "user", "peer", "state", "uptime", "frames_in", "frames_out", "resumes",
+        ["id", "kind", "hub", "user", "peer", "state", "uptime", "frames_in", "frames_out", "resumes",
          "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"],
     )
 
@@ -111,3 +112,4 @@ def register(roles) -> None:
     p = command(users, "delete", user_delete, "delete a user", state, json_flag=True)
     p.add_argument("user")
     p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
+    cascade.register(hub)
