@@ -286,7 +286,7 @@ def run_table(run: Dict) -> str:
             loaded = {p: mean(values(table, p, "ping_loaded.avg_ms")) for p in peers}
             loaded = {p: v for p, v in loaded.items() if v}
             low_loaded = min(loaded, key=loaded.get) if loaded else None
-            lines.append(f"| best peer | "
+            lines.append("| best peer | "
                          + (f"{ratio(mean(values(table, 'sevpn', 'ping.avg_ms')), pings[low])} ({low})" if low else "–")
                          + " | " + " | ".join(best) + " | "
                          + (f"{ratio(mean(values(table, 'sevpn', 'ping_loaded.avg_ms')), loaded[low_loaded])} "

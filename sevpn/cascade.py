@@ -36,7 +36,7 @@ from sevpn.accounts import Account, parse_hub_address
 from sevpn.card import REFUSED, Card, ILanSide
 from sevpn.files import ensure_dir, read_json, write_json
 from sevpn.loops import LoopGuard
-from sevpn.mac import InvalidMAC, format_mac, parse_mac
+from sevpn.mac import InvalidMAC, parse_mac
 from sevpn.port import Port
 from sevpn.switch import VirtualHub
 from sevpn.timing import Keepalive

@@ -231,7 +231,7 @@ class Collector(SynchronousTestCase):
     def test_resume_memory(self):
         lab = Lab(self)
         lab.hub.budget.limit = 8192
-        a, b = lab.card(1), lab.card(2)
+        _, b = lab.card(1), lab.card(2)
         b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
         lab.network.pump()
         lab.network.cut()

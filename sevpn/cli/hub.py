@@ -67,18 +67,19 @@ def hub_sessions(args) -> None:
 
 
 def hub_macs(args) -> None:
-    table = control.call(args.state_dir, "macs")
+    macs = control.call(args.state_dir, "macs")
     if args.json:
-        print_json(table)
+        print_json(macs)
         return
-    for hub, info in table.items():
+    for hub, info in macs.items():
         print(f"virtual hub {hub}:")
-        table(info["macs"], ["mac", "session", "age"])
+        table(info["macs"], ["mac", "port", "age"])
         c = info["counters"]
-        print(f"  frames flooded {c['flooded']}, sent to one card {c['unicast']}, filtered {c['filtered']}; "
-              f"MACs not learned (table full) {c['not_learned']}, runt frames {c['runts']}")
-        for dup in info["duplicates"]:
-            print(f"  duplicate MAC {dup['mac']} used by sessions {', '.join(dup['sessions'])}")
+        print(f"  frames flooded {c['flooded']}, sent to one port {c['unicast']}, filtered {c['filtered']}; "
+              f"dropped: MAC limit {c['mac_limit_drops']}, MAC taken {c['mac_conflicts']}, "
+              f"bad header {c['bad_headers']}, runt {c['runts']}; MACs not learned (table full) {c['not_learned']}")
+        for conflict in info["conflicts"]:
+            print(f"  MAC {conflict['mac']} used by more than one port: {', '.join(conflict['ports'])}")
 
 
 def hub_status(args) -> None:
