@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOURCES := $(shell find sevpn twisted -name '*.py') setup.cfg pyproject.toml
 
-.PHONY: all demo test bench system-deps install clean
+.PHONY: all demo test bench soak system-deps install clean
 
 all: install
 
@@ -52,6 +52,10 @@ test: system-deps install
 
 bench: system-deps install
 	$(PY) scripts/bench.py
+
+# Ten minutes of chaos (cuts, restarts, a hostile user) under honest traffic; not in CI.
+soak: system-deps install
+	$(PY) scripts/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .hypothesis

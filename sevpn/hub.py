@@ -248,6 +248,7 @@ class Hub:
         session.peer = peer
         session.cascade = cascade
         self.sessions[session.id] = session
+        self._apply_policy(session, policy)
         vhub.add_port(session.port)
         if cascade:
             self.loops.add_remote_end(vhub, session.port)
@@ -273,6 +274,21 @@ class Hub:
             resume_window=self.resume_window,
             features=frozenset(features),
         )
+
+    def _apply_policy(self, session: HubSession, policy: dict) -> None:
+        """A user's rates on their session's port (missing: unlimited)."""
+        session.port.set_limits(
+            out_bits=policy.get("rate_out", 0), flood_frames=policy.get("broadcast_pps", 0),
+            in_bits=policy.get("rate_in", 0),
+        )
+
+    def policies_changed(self) -> None:
+        """The users file changed: apply every user's policy to their live sessions."""
+        for session in self.sessions.values():
+            policy = self.state.policy(session.vhub.name, session.user)
+            self._apply_policy(session, policy)
+            if policy.get("max_macs"):
+                session.port.max_macs = policy["max_macs"]
 
     def _resumable(self, resume: wire.Resume, user: str, hub_name: str) -> Optional[HubSession]:
         session = self.sessions.get(resume.session)

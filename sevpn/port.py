@@ -38,6 +38,7 @@ from sevpn import ecn
 from sevpn import offload as vnet
 from sevpn.aqm import Codel
 from sevpn.session import IReceiver, Session
+from sevpn.timing import TokenBucket
 
 #: Bytes a destination may still be given after its transport asked to
 #: pause: the depth of a switch port's queue.  About half a millisecond at
@@ -115,7 +116,12 @@ class Port:
         #: Where this port's arriving frames go (set by whoever attaches it).
         self.sink: Optional[ISink] = None
         self.congestion_drops = 0
+        self.rate_drops = 0
         self.ecn_marks = 0
+        #: Bytes a second this port may be given (a L{TokenBucket}), or None.
+        self.out_limit: Optional[TokenBucket] = None
+        #: Flooded frames a second this port may send (storm control), or None.
+        self.flood_limit: Optional[TokenBucket] = None
         self.bad_frames = 0
         self.closed = False
         self._codel = Codel()
@@ -148,6 +154,10 @@ class Port:
             frames = self._convert(frames)
             if not frames:
                 return
+        if self.out_limit is not None:
+            frames = self._police(self.out_limit, frames)
+            if not frames:
+                return
         if self._paused:
             now = self.clock.seconds()
             if self._codel.signal(now - self._paused_since, now):
@@ -159,6 +169,23 @@ class Port:
             self._backlog += sum(map(len, frames))
             if source is not None and source is not self:
                 self._hold(source)
+
+    def set_limits(self, out_bits: int = 0, flood_frames: int = 0) -> None:
+        """
+        A rate for what this port is given (bits a second; 0: none) and a
+        flood limit for what it sends (frames a second; 0: none).  Bursts of
+        a tenth of a second are let through (at least two super-frames).
+        """
+        now = self.clock.seconds()
+        self.out_limit = TokenBucket(out_bits / 8, max(out_bits / 80, 2 * 65600), now) if out_bits else None
+        self.flood_limit = TokenBucket(flood_frames, max(flood_frames / 10, 10), now) if flood_frames else None
+
+    def _police(self, bucket: TokenBucket, frames: Sequence) -> List:
+        """The frames the rate allows; the others are dropped and counted."""
+        now = self.clock.seconds()
+        kept = [f for f in frames if bucket.take(now, len(f))]
+        self.rate_drops += len(frames) - len(kept)
+        return kept
 
     def _signal(self, frames: Sequence) -> List:
         """Tell the senders of a standing queue: mark the first frame that allows it, else drop one."""
@@ -256,7 +283,8 @@ class Port:
         self._release()
 
     def counters(self) -> dict:
-        return {"congestion_drops": self.congestion_drops, "ecn_marks": self.ecn_marks, "bad_frames": self.bad_frames}
+        return {"congestion_drops": self.congestion_drops, "ecn_marks": self.ecn_marks, "rate_drops": self.rate_drops,
+                "bad_frames": self.bad_frames}
 
 
 @implementer(IReceiver)
@@ -272,6 +300,13 @@ class SessionPort(Port):
         super().__init__(name, clock, mac_offset, **kw)
         self.session = session
         session.receiver = self
+        #: Bytes a second the peer may send (a L{TokenBucket}), or None.
+        self.in_limit: Optional[TokenBucket] = None
+
+    def set_limits(self, out_bits: int = 0, flood_frames: int = 0, in_bits: int = 0) -> None:
+        """L{Port.set_limits}, and a rate for what the peer sends (bits a second; 0: none)."""
+        Port.set_limits(self, out_bits, flood_frames)
+        self.in_limit = TokenBucket(in_bits / 8, max(in_bits / 80, 2 * 65600), self.clock.seconds()) if in_bits else None
 
     def transmit(self, frames: Sequence) -> None:
         self.session.send_frames(frames)
@@ -284,6 +319,8 @@ class SessionPort(Port):
 
     # IReceiver: the session's side
     def frames_received(self, frames: Sequence) -> None:
+        if self.in_limit is not None:
+            frames = self._police(self.in_limit, frames)
         self.sink.forward(self, frames)
 
     def input_done(self) -> None:

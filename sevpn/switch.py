@@ -25,6 +25,9 @@ be hostile):
    follows the latest sender instead, as a plain hardware switch does;
  - the table is bounded (C{max_entries}); a new MAC in a full table is
    refused in constant time (C{not_learned}) and its frame still forwarded;
+ - a port may have a flood limit (C{flood_limit}, a token bucket of
+   frames: storm control); broadcast, multicast and unknown unicast beyond
+   it are dropped and counted (C{storm_drops});
  - an offload port's virtio-net headers are checked as frames enter
    (L{sevpn.offload.valid}: flags, segmentation type and size, checksum
    position); a bad one is dropped and counted (C{bad_headers});
@@ -125,6 +128,7 @@ class VirtualHub:
         self.mac_limit_drops = 0
         self.mac_conflicts = 0
         self.runts = 0
+        self.storm_drops = 0
         self.bad_headers = 0
         self.port_failures = 0
         #: C{on_control(vhub, source, frame)}: takes the frames to L{CONTROL_GROUP}.
@@ -200,6 +204,7 @@ class VirtualHub:
         max_age = self.max_age
         last_src = None
         valid = vnet.valid if offset else None
+        storm = getattr(source, "flood_limit", None)
         for frame in frames:
             if len(frame) < shortest:
                 self.runts += 1
@@ -235,6 +240,11 @@ class VirtualHub:
                         else:
                             box.append(frame)
                         continue
+            if storm is not None and not storm.take(now):
+                # Storm control: the port's broadcast, multicast and unknown
+                # unicast beyond its rate go nowhere.
+                self.storm_drops += 1
+                continue
             self.flooded += 1
             for port in self.ports:
                 if port is not source:
@@ -360,6 +370,7 @@ class VirtualHub:
             "mac_conflicts": self.mac_conflicts,
             "runts": self.runts,
             "bad_headers": self.bad_headers,
+            "storm_drops": self.storm_drops,
             "port_failures": self.port_failures,
             "control_frames": self.control_frames,
             "blocked_drops": self.blocked_drops,

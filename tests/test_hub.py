@@ -479,3 +479,62 @@ class SlowLogin(SynchronousTestCase):
         d, f, args = self.checks.pop()
         d.callback(f(*args))
         self.assertEqual(sorted(s.user for s in self.lab.hub.sessions.values()), ["u1", "u2"])
+
+
+class Policies(SynchronousTestCase):
+    """A user's own limits, applied to their session's port."""
+
+    def setUp(self):
+        self.lab = Lab(self)
+
+    def set_policy(self, user, **policy):
+        import os
+
+        from sevpn.files import write_json
+
+        path = os.path.join(self.lab.state_dir, "hubs", "DEFAULT", "users.json")
+        users = dict(self.lab.state.users("DEFAULT"))
+        users[user] = dict(users[user], policy=policy)
+        write_json(path, {"users": users})
+        self.lab.hub.policies_changed()
+
+    def test_rate_toward_a_user(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        self.set_policy("u2", rate_out=8 * 200_000)  # 200 kB/s toward u2
+        big = [frame(mac(2), mac(1), bytes([i]) * 1400) for i in range(50)]
+        for _ in range(20):  # 1.4 MB in a second
+            a.lan.tap.os_sends(big)
+            self.lab.network.run(0.05)
+        got = sum(len(f) for f in b.lan.tap.written)
+        self.assertLess(got, 200_000 * 1.0 + 2 * 65600 + 50_000)
+        self.assertGreater(got, 100_000)
+        [info] = [s for s in self.lab.hub.describe_sessions() if s["user"] == "u2"]
+        self.assertGreater(info["rate_drops"], 0)
+
+    def test_rate_from_a_user(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        self.set_policy("u1", rate_in=8 * 100_000)
+        for _ in range(20):
+            a.lan.tap.os_sends([frame(mac(2), mac(1), b"y" * 1400)] * 50)
+            self.lab.network.run(0.05)
+        self.assertLess(sum(len(f) for f in b.lan.tap.written), 100_000 + 2 * 65600 + 50_000)
+
+    def test_storm_control(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        self.set_policy("u1", broadcast_pps=100)
+        for _ in range(10):  # 1,000 broadcasts a second for a second
+            a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"storm")] * 100)
+            self.lab.network.run(0.1)
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"unicast goes through")])
+        self.lab.network.pump()
+        storm = [p for p in payloads(b.lan.tap) if p == b"storm"]
+        self.assertLessEqual(len(storm), 100 + 10 + 10)
+        self.assertEqual(payloads(b.lan.tap)[-1], b"unicast goes through")
+        self.assertGreater(self.lab.hub.describe_macs()["DEFAULT"]["counters"]["storm_drops"], 800)
+
+    def test_no_policy_no_limit(self):
+        a, b = self.lab.card(1), self.lab.card(2)
+        for _ in range(10):
+            a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"x" * 1400)] * 100)
+            self.lab.network.run(0.01)
+        self.assertEqual(len(b.lan.tap.written), 1000)

@@ -12,12 +12,11 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from scripts.netns import BIN, Topology, env, sevpn, sha256_file, two_cards, wait_for
+from scripts.netns import BIN, Topology, env, sevpn, transfer, transfer_result, two_cards, wait_for
 
 
 class SystemTestCase(TestCase):
@@ -70,31 +69,6 @@ class SystemTestCase(TestCase):
     @classmethod
     def start(cls, topo):
         raise NotImplementedError
-
-
-def transfer(topo, src: int, dst: int, size_mb: int, rate: float = 0):
-    """Start a TCP transfer of random data from card host src to dst."""
-    data = os.path.join(topo.dir, f"data-{size_mb}")
-    if not os.path.exists(data):
-        with open(data, "wb") as f:
-            for _ in range(size_mb):
-                f.write(os.urandom(1 << 20))
-    report = os.path.join(topo.dir, f"report-{time.monotonic_ns()}.json")
-    port = "7001"
-    server = topo.spawn(topo.host(dst), "transfer-serve", sys.executable, "-m", "scripts.transfer", "serve",
-                        topo.tap_addr(dst), port, report)
-    time.sleep(0.5)
-    sender = topo.spawn(topo.host(src), "transfer-send", sys.executable, "-m", "scripts.transfer", "send",
-                        topo.tap_addr(dst), port, data, str(rate))
-    return data, report, server, sender
-
-
-def transfer_result(topo, data, report, server, sender, timeout=180):
-    assert sender.wait(timeout) == 0, topo.log("transfer-send")
-    server.wait(30)
-    with open(report) as f:
-        result = json.load(f)
-    return result, sha256_file(data)
 
 
 class Core(SystemTestCase):

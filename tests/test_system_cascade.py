@@ -12,7 +12,8 @@ import os
 import time
 
 from scripts.netns import BIN, Topology, sevpn, wait_for
-from tests.test_system import SystemTestCase, transfer, transfer_result
+from scripts.netns import transfer, transfer_result
+from tests.test_system import SystemTestCase
 
 
 class CascadeTopology(Topology):
