@@ -320,3 +320,54 @@ def transfer_result(topo, data, report, server, sender, timeout=180):
     with open(report) as f:
         result = json.load(f)
     return result, sha256_file(data)
+
+
+# -- entering a namespace from this process, and a LAN behind a hub (local bridges) --
+
+
+class _Setns:
+    """libc's setns(2), resolved once (Python 3.11 has no os.setns)."""
+
+    CLONE_NEWNET = 0x40000000
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def __call__(self, fd: int) -> None:
+        import ctypes
+
+        if self._libc.setns(fd, self.CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+
+class in_netns:
+    """
+    C{with in_netns(NAME):} the calling thread is in network namespace
+    NAME; sockets and TAP devices opened inside stay there after it
+    leaves.  For tests that run a port in this process on a real veth.
+    """
+
+    _setns = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self):
+        if in_netns._setns is None:
+            in_netns._setns = _Setns()
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            in_netns._setns(target)
+        finally:
+            os.close(target)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            in_netns._setns(self._home)
+        finally:
+            os.close(self._home)

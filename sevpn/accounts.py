@@ -53,6 +53,12 @@ class Account:
     proxy: Optional[str] = None
     #: More nodes of the same hub (a fabric), tried in order after C{hub}.
     more_hubs: List[str] = field(default_factory=list)
+    #: The card's interface while this account is connected (see
+    #: L{sevpn.netconfig}): addresses (ADDRESS/PREFIX), MTU, DHCP.  Account
+    #: files from before these fields load with none of them.
+    address: List[str] = field(default_factory=list)
+    mtu: Optional[int] = None
+    dhcp: bool = False
 
     def __post_init__(self) -> None:
         check_name("account", self.name)
@@ -68,6 +74,16 @@ class Account:
                 parse_proxy_url(self.proxy)
             except ValueError as e:
                 raise StateError(str(e))
+        self.address = [str(a) for a in self.interface().addresses]
+
+    def interface(self):
+        """The account's interface settings as an L{sevpn.netconfig.InterfaceConfig}; StateError if unusable."""
+        from sevpn.netconfig import ConfigError, InterfaceConfig
+
+        try:
+            return InterfaceConfig.parse(self.address or (), self.mtu, self.dhcp, where="address", mtu_where="mtu")
+        except ConfigError as e:
+            raise StateError(f"account {self.name}: {e}")
 
     @property
     def verify_name(self) -> str:
@@ -108,7 +124,7 @@ class AccountStore:
             raise StateError(f"there is no account named {name} (see 'sevpn account list')")
         try:
             return Account(**data)
-        except TypeError:
+        except (TypeError, AttributeError):
             raise StateError(f"the account file of {name} is damaged; delete and add it again")
 
     def names(self) -> List[str]:

@@ -16,6 +16,7 @@ from sevpn.accounts import Account, AccountStore
 from sevpn.card import Card, NicSide
 from sevpn.files import ensure_dir
 from sevpn.mac import format_mac, load_or_create_mac
+from sevpn.netconfig import CardInterface, ConfigError, DhcpClient, InterfaceConfig, ProcessRunner
 from sevpn.pki import client_tls_options
 from sevpn.runtime import fatal, reactor_or_global
 from sevpn.sdnotify import notify
@@ -47,6 +48,18 @@ def tls_endpoint_for(reactor):
     return endpoint_for
 
 
+class ConfiguredNic(NicSide):
+    """The card's TAP side, telling its interface settings when the carrier changes (DHCP waits for it)."""
+
+    def __init__(self, tap, interface: CardInterface) -> None:
+        super().__init__(tap)
+        self.interface = interface
+
+    def set_carrier(self, on: bool) -> None:
+        super().set_carrier(on)
+        self.interface.carrier_changed(on)
+
+
 class CardService(Service):
     log = Logger()
 
@@ -62,9 +75,13 @@ class CardService(Service):
         offload: bool = True,
         busy_poll: float = busypoll.WINDOW,
         reactor=None,
+        interface: Optional[InterfaceConfig] = None,
     ) -> None:
         self.busy_poll = busy_poll
         self.state_dir = state_dir
+        #: The TAP's addresses, MTU and DHCP from the command line (accounts may add theirs).
+        self.interface_config = interface or InterfaceConfig()
+        self.interface: Optional[CardInterface] = None
         self.tap_name = tap_name
         self.offload = offload
         self.account = account  # an Account, an account name, or None
@@ -78,7 +95,7 @@ class CardService(Service):
         self.control_port = None
 
     def startService(self) -> None:
-        from sevpn.tapdevice import TapError, TapPort
+        from sevpn.tapdevice import IFF_PERSIST, TapError, TapPort, tun_flags
 
         reactor = reactor_or_global(self.reactor)
         busypoll.install(reactor, self.busy_poll)
@@ -87,11 +104,20 @@ class CardService(Service):
             account = self.account
             if isinstance(account, str):
                 account = AccountStore(self.state_dir).get(account)
-            mac = self.mac or load_or_create_mac(self.state_dir)
+            # A persistent TAP keeps its own MAC ('sevpn nic create' gives it
+            # the card's); a TAP made now gets the card's.
+            persistent = (tun_flags(self.tap_name) or 0) & IFF_PERSIST
+            mac = self.mac or (None if persistent else load_or_create_mac(self.state_dir))
             self.tap = TapPort(self.tap_name, mac, reactor, self.offload)
+            mac = self.tap.mac
+            runner = ProcessRunner(reactor)
+            name = self.tap.device_name
+            self.interface = CardInterface(
+                name, runner, lambda: DhcpClient(name, self.state_dir, runner, reactor),
+            )
             card = Card(
                 reactor,
-                NicSide(self.tap),
+                ConfiguredNic(self.tap, self.interface),
                 mac,
                 tls_endpoint_for(reactor),
                 keepalive=self.keepalive,
@@ -103,14 +129,18 @@ class CardService(Service):
             self.control_port = control.listen(
                 reactor,
                 self.state_dir,
-                {"status": card.status, "connect": self._connect, "disconnect": self._disconnect},
+                {"status": self._status, "connect": self._connect, "disconnect": self._disconnect},
             )
             self.log.info(
-                "card {tap} ready with MAC {mac}: cable unplugged until connected",
+                "card {tap} ready with MAC {mac}{persistent}: cable unplugged until connected",
                 tap=self.tap.name, mac=format_mac(mac),
+                persistent=" (a persistent TAP: its addresses and bridge membership stay when the card stops)"
+                if self.tap.persistent else "",
             )
             if account is not None:
-                card.connect(account)
+                self._use(account)
+            else:
+                self.interface.configure(self.interface_config)
         except (StateError, TapError, control.ControlError, OSError, ValueError) as e:
             self._close()
             raise fatal("sevpn-nic", str(e))
@@ -118,15 +148,27 @@ class CardService(Service):
         notify("READY=1", f"STATUS=TAP {self.tap.name} up, MAC {format_mac(self.card.mac)}; "
                + (f"connecting to hub {self.card.account.hub}" if self.card.account is not None else "not connected"))
 
+    def _use(self, account: Account) -> None:
+        """Connect with C{account}, the interface set as the card's and the account's settings say."""
+        config = self.interface_config.merged(account.interface())
+        self.card.connect(account)
+        self.interface.configure(config)
+
     def _connect(self, account: str) -> dict:
         try:
-            self.card.connect(AccountStore(self.state_dir).get(account))
-        except StateError as e:
+            self._use(AccountStore(self.state_dir).get(account))
+        except (StateError, ConfigError) as e:
             raise control.ControlError(str(e))
-        return self.card.status()
+        return self._status()
+
+    def _status(self) -> dict:
+        info = self.card.status()
+        info["interface"] = self.interface.status()
+        info["persistent"] = self.tap.persistent
+        return info
 
     def _disconnect(self):
-        return self.card.disconnect().addCallback(lambda _: self.card.status())
+        return self.card.disconnect().addCallback(lambda _: self._status())
 
     def _close(self):
         if self.control_port is not None:
@@ -142,6 +184,8 @@ class CardService(Service):
         Service.stopService(self)
         if self.card is None:
             return None
-        d = self.card.disconnect("the card is shutting down")
+        # The DHCP lease is released first, while the hub still carries the DHCPRELEASE.
+        d = self.interface.stop()
+        d.addBoth(lambda _: self.card.disconnect("the card is shutting down"))
         d.addBoth(lambda _: self._close())
         return d

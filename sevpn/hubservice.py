@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import partial
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, maybeDeferred
@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from sevpn import busypoll, control, defaults, web
 from sevpn.cardservice import tls_endpoint_for
 from sevpn.cascade import CascadeManager
+from sevpn.bridge import BridgeError, attach_bridges, describe_bridges, detach_bridges
 from sevpn.files import ensure_dir
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
@@ -91,6 +92,9 @@ class HubService(Service):
         metrics: Optional[str] = None,
         metrics_public: bool = False,
         reactor=None,
+        bridges: Sequence[Tuple[str, str]] = (),
+        bridge_taps: Sequence[Tuple[str, str]] = (),
+        bridge_force: bool = False,
     ) -> None:
         self.busy_poll = busy_poll
         """
@@ -115,6 +119,11 @@ class HubService(Service):
         self.cascades: Optional[CascadeManager] = None
         self.ports = []
         self.control_port = None
+        #: Local bridges: (virtual hub, interface) and (virtual hub, TAP name).
+        self.bridges = list(bridges)
+        self.bridge_taps = list(bridge_taps)
+        self.bridge_force = bridge_force
+        self.bridge_ports = []
 
     def startService(self) -> None:
         reactor = reactor_or_global(self.reactor)
@@ -141,6 +150,7 @@ class HubService(Service):
                     why = result[0].getErrorMessage() if result else "no answer"
                     raise StateError(f"cannot listen on {description}: {why}")
                 self.ports.append(result[0])
+            self._attach_bridges(state, reactor)
             self.control_port = control.listen(
                 reactor,
                 self.state_dir,
@@ -156,7 +166,7 @@ class HubService(Service):
                 read = partial(read_hub, self.hub, self.links)
                 self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
             self.cascades.reload()
-        except (StateError, control.ControlError, OSError, ValueError) as e:
+        except (StateError, BridgeError, control.ControlError, OSError, ValueError) as e:
             self._close()
             if self.hub is not None:
                 self.hub.shutdown()  # its sweep timer must not outlive a failed start
@@ -172,6 +182,17 @@ class HubService(Service):
         """The cards' and other hubs' cascades' sessions, then this hub's own cascades."""
         return self.hub.describe_sessions() + self.cascades.describe()
 
+    def _attach_bridges(self, state: HubState, reactor) -> None:
+        for option, pairs in (("--bridge", self.bridges), ("--bridge-tap", self.bridge_taps)):
+            for hub_name, name in pairs:
+                if not state.exists(hub_name):
+                    raise BridgeError(f"{option} {hub_name}={name}: there is no virtual hub named {hub_name} "
+                                      f"(create it with 'sevpn hub create {hub_name}')")
+        listening = [getattr(port.getHost(), "host", None) for port in self.ports]
+        self.bridge_ports = attach_bridges(
+            self.hub.vhub, reactor, self.bridges, self.bridge_taps, [h for h in listening if h], self.bridge_force,
+        )
+
     def status(self) -> dict:
         hub = self.hub
         return {
@@ -184,10 +205,13 @@ class HubService(Service):
             "resume_window": hub.resume_window,
             "cascades": len(self.cascades.cascades),
             "loops": hub.loops.counters(),
+            "bridges": describe_bridges(self.bridge_ports),
         }
 
     def _close(self) -> list:
         """Stop listening; return Deferreds that fire when the ports are closed."""
+        detach_bridges(self.bridge_ports)
+        self.bridge_ports = []
         ports = self.ports + [p for p in (self.control_port, self.metrics_port) if p is not None]
         self.ports, self.control_port, self.metrics_port = [], None, None
         return [maybeDeferred(port.stopListening) for port in ports]

@@ -37,12 +37,15 @@ class Options(CommonOptions):
          "its frames."],
         ["metrics-public", None,
          "Let --metrics listen beyond loopback: the page shows user names and addresses to anyone who reaches it."],
+        ["bridge-force", None, "Bridge an interface even if it carries an address the hub listens on."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["hostname"] = []
+        self["bridge"] = []
+        self["bridge-tap"] = []
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -56,6 +59,28 @@ class Options(CommonOptions):
     def opt_hostname(self, name: str) -> None:
         """A DNS name or IP address cards use to reach this hub (repeatable)."""
         self["hostname"].append(name)
+
+    # local bridges ------------------------------------------------------------
+
+    def opt_bridge(self, text: str) -> None:
+        """HUB=INTERFACE: bridge virtual hub HUB to a real network interface (repeatable; needs CAP_NET_RAW)."""
+        self["bridge"].append(self._bridge("--bridge", text))
+
+    def opt_bridge_tap(self, text: str) -> None:
+        """HUB=NAME: give virtual hub HUB a TAP port NAME to put into a Linux bridge (repeatable)."""
+        self["bridge-tap"].append(self._bridge("--bridge-tap", text))
+
+    def _bridge(self, option: str, text: str):
+        from sevpn.bridge import BridgeError, parse_bridge_option
+
+        try:
+            pair = parse_bridge_option(text, option)
+        except BridgeError as e:
+            raise usage.UsageError(str(e))
+        taken = {name for _, name in self["bridge"] + self["bridge-tap"]}
+        if pair[1] in taken:
+            raise usage.UsageError(f"{option} {text}: {pair[1]} is bridged twice")
+        return pair
 
 
 def makeService(config: Options) -> IService:
@@ -78,4 +103,7 @@ def makeService(config: Options) -> IService:
         },
         metrics=config["metrics"],
         metrics_public=config["metrics-public"],
+        bridges=config["bridge"],
+        bridge_taps=config["bridge-tap"],
+        bridge_force=config["bridge-force"],
     )

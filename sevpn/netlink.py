@@ -444,3 +444,55 @@ class FdbReflector:
 
     def logPrefix(self) -> str:
         return f"fdb {self.tap}"
+
+
+# interface addresses (what C{ip addr show dev IFACE} lists) -------------------
+
+RTM_GETADDR, RTM_NEWADDR = 22, 20
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+_IFADDRMSG = struct.Struct("=BBBBI")
+
+
+def encode_addr_dump(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
+    """An C{RTM_GETADDR} dump request: every address of every interface."""
+    body = _IFADDRMSG.pack(family, 0, 0, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def parse_ifaddr(message: Message) -> Tuple[int, str]:
+    """An C{RTM_NEWADDR} message: (interface index, the address as text)."""
+    if len(message.body) < _IFADDRMSG.size:
+        raise NetlinkError(f"an address message of {len(message.body)} bytes is truncated")
+    family, _prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(message.body)
+    attrs = _attributes(message.body, _IFADDRMSG.size)
+    raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
+    if family not in (socket.AF_INET, socket.AF_INET6) or raw is None:
+        raise NetlinkError(f"an address message of family {family} without an address")
+    return ifindex, socket.inet_ntop(family, raw)
+
+
+def interface_addresses(ifindex: int, timeout: float = 5.0) -> List[str]:
+    """
+    The IPv4 and IPv6 addresses of interface C{ifindex}, asked of the
+    kernel in one blocking dump (for start-up checks, not the data path).
+    """
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    found: List[str] = []
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        sock.send(encode_addr_dump(1))
+        while True:
+            for message in parse_messages(sock.recv(1 << 16)):
+                if message.type == NLMSG_DONE:
+                    return found
+                if message.type == NLMSG_ERROR:
+                    ack = parse_ack(message)
+                    if ack.errno:
+                        raise OSError(ack.errno, ack.sentence())
+                elif message.type == RTM_NEWADDR:
+                    index, address = parse_ifaddr(message)
+                    if index == ifindex:
+                        found.append(address)
+    finally:
+        sock.close()

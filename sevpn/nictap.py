@@ -35,16 +35,19 @@ class Options(CommonOptions):
         ["server-name", None, None, "The name to verify in the hub's certificate (default: the host of --hub)."],
         ["mac", None, None, "Use this MAC instead of the card's own generated one."],
         ["proxy", None, None, "Reach the hub through this proxy: http://[user:pass@]host:port or socks5://..."],
+        ["mtu", None, None, "Set the TAP's MTU.", int],
     ]
     optFlags = [
         ["no-auto-reconnect", None, "Do not reconnect after the link fails."],
         ["no-offload", None, "Open the TAP without kernel offload (no 64 KiB super-frames; slower)."],
+        ["dhcp", None, "Get an address by DHCP (dhclient) once connected; released when the card stops."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["hub"] = None
         self["more-hubs"] = []
+        self["address"] = []
 
     def opt_hub(self, address: str) -> None:
         """The hub's address, HOST:PORT; repeat it for the other nodes of a fabric, tried in turn."""
@@ -53,8 +56,13 @@ class Options(CommonOptions):
         else:
             self["hub"] = address
 
+    def opt_address(self, text: str) -> None:
+        """ADDRESS/PREFIX (IPv4 or IPv6) to set on the TAP at start (repeatable)."""
+        self["address"].append(text)
+
     def postOptions(self) -> None:
         super().postOptions()
+        self._interface()
         if not self["state-dir"]:
             self["state-dir"] = defaults.card_state_dir(self["tap"])
         if self["mac"]:
@@ -86,6 +94,17 @@ class Options(CommonOptions):
             except (StateError, UnicodeDecodeError) as e:
                 raise usage.UsageError(str(e))
 
+    def _interface(self) -> None:
+        """The TAP's name and settings, checked before anything touches /dev/net/tun."""
+        from sevpn.fabric import FabricError, check_ifname
+        from sevpn.netconfig import ConfigError, InterfaceConfig
+
+        try:
+            check_ifname(self["tap"], "--tap")
+            self["interface"] = InterfaceConfig.parse(self["address"], self["mtu"], self["dhcp"])
+        except (FabricError, ConfigError) as e:
+            raise usage.UsageError(str(e))
+
 
 def makeService(config: Options) -> IService:
     from sevpn.cardservice import CardService
@@ -100,4 +119,5 @@ def makeService(config: Options) -> IService:
         resume_window=config["resume-window"],
         buffer_limit=config["resume-buffer-bytes"],
         offload=not config["no-offload"],
+        interface=config["interface"],
     )

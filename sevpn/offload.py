@@ -21,12 +21,21 @@ from typing import List
 HEADER_SIZE = 10
 #: virtio_net_hdr in the host's byte order (TUN's default).
 _HDR = struct.Struct(("<" if sys.byteorder == "little" else ">") + "BBHHHH")
+#: The header's layout (flags, gso_type, hdr_len, gso_size, csum_start,
+#: csum_offset), for code that rewrites one (a bridge port putting a VLAN tag back).
+HEADER = _HDR
 
 F_NEEDS_CSUM = 1
 F_DATA_VALID = 2
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_TCPV6 = 4
+#: UDP segmentation (a LAN host's C{UDP_SEGMENT} sockets, QUIC): only a
+#: bridge port meets it; see L{segment_udp}.
+GSO_UDP_L4 = 5
+#: The kernel sends at most this many segments in one UDP super-frame
+#: (UDP_MAX_SEGMENTS); more is not a kernel's frame.
+UDP_MAX_SEGMENTS = 128
 GSO_ECN = 0x80
 
 PLAIN_HEADER = bytes(HEADER_SIZE)  # "a complete frame, checksums done"
@@ -175,4 +184,63 @@ def _segment(eth: memoryview, gso: int, mss: int) -> List[bytes]:
             pseudo = bytes(ip[8:40]) + tcp_len.to_bytes(4, "big") + b"\0\0\0\x06"
         tcp[16:18] = checksum(pseudo + tcp + chunk).to_bytes(2, "big")
         out.append(link + ip + tcp + chunk)
+    return out
+
+
+def segment_udp(frame) -> List[bytes]:
+    """
+    The ordinary frames a UDP segmentation super-frame (C{GSO_UDP_L4}: a
+    host's C{UDP_SEGMENT} send, as QUIC stacks do) stands for, checksums
+    completed.  The hub does not carry such frames whole (L{check} refuses
+    them, since cards never ask for them); a bridge port that reads one from
+    its LAN segments it here.  Raises L{BadFrame}.
+    """
+    if len(frame) < HEADER_SIZE + 14:
+        raise BadFrame("shorter than a header and an Ethernet header")
+    flags, gso_type, _hdr_len, mss, _start, _offset = _HDR.unpack_from(frame)
+    if gso_type != GSO_UDP_L4 or mss == 0:
+        raise BadFrame("not a UDP segmentation frame")
+    eth = memoryview(frame)[HEADER_SIZE:]
+    l3 = 14
+    ethertype = int.from_bytes(eth[12:14], "big")
+    if ethertype == _ETH_P_8021Q:
+        l3 = 18
+        ethertype = int.from_bytes(eth[16:18], "big")
+    if ethertype == _ETH_P_IP and len(eth) >= l3 + 20:
+        ihl = (eth[l3] & 0x0F) * 4
+        if ihl < 20 or eth[l3 + 9] != 17:
+            raise BadFrame("UDP segmentation of a frame that is not UDP")
+        ipv4 = True
+    elif ethertype == _ETH_P_IPV6 and len(eth) >= l3 + 40 and eth[l3 + 6] == 17:
+        ihl = 40
+        ipv4 = False
+    else:
+        raise BadFrame("UDP segmentation of a frame that is not UDP over IP")
+    l4 = l3 + ihl
+    if len(eth) < l4 + 8:
+        raise BadFrame("segmentation of a frame without a UDP header")
+    payload = eth[l4 + 8 :]
+    link = bytes(eth[:l3])
+    ports = bytes(eth[l4 : l4 + 4])
+    ip_id = int.from_bytes(eth[l3 + 4 : l3 + 6], "big")
+    count = max(1, -(-len(payload) // mss))
+    if count > UDP_MAX_SEGMENTS:
+        raise BadFrame(f"UDP segmentation into {count} segments (at most {UDP_MAX_SEGMENTS})")
+    out = []
+    for i in range(count):
+        chunk = payload[i * mss : (i + 1) * mss]
+        udp_len = 8 + len(chunk)
+        ip = bytearray(eth[l3:l4])
+        if ipv4:
+            ip[2:4] = (ihl + udp_len).to_bytes(2, "big")
+            ip[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+            ip[10:12] = b"\0\0"
+            ip[10:12] = checksum(ip).to_bytes(2, "big")
+            pseudo = bytes(ip[12:20]) + b"\0\x11" + udp_len.to_bytes(2, "big")
+        else:
+            ip[4:6] = udp_len.to_bytes(2, "big")
+            pseudo = bytes(ip[8:40]) + udp_len.to_bytes(4, "big") + b"\0\0\0\x11"
+        udp = ports + udp_len.to_bytes(2, "big")
+        value = checksum(pseudo + udp + b"\0\0" + chunk) or 0xFFFF
+        out.append(link + bytes(ip) + udp + value.to_bytes(2, "big") + bytes(chunk))
     return out

@@ -10,6 +10,15 @@ cable unplugged".  A card has one (its own side); a hub may have some
 As a reactor reader it reads the TAP until EAGAIN (within a budget, like
 L{twisted.pair.tuntap.TuntapPort}) and hands each wakeup's frames to its
 sink in one batch, so they cross the link in one message.  No threads.
+
+I{Persistent} TAPs (C{TUNSETPERSIST}; L{create_persistent_tap}, C{sevpn
+nic create}) outlive the program that uses them, and with them their
+addresses, routes and bridge membership.  A L{TapPort} of that name
+attaches to one (or makes a TAP that goes when it closes).  On attaching,
+the kernel takes the opener's flags (C{IFF_NO_PI}, C{IFF_VNET_HDR}), so a
+card with or without offload can use any persistent TAP; it refuses a TUN
+device of that name (EINVAL) and a TAP another program holds (EBUSY).
+While nobody holds a persistent TAP the kernel shows it without carrier.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import errno
 import fcntl
 import os
 import struct
-from typing import List
+from typing import List, Optional
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
@@ -31,6 +40,9 @@ from sevpn.port import Port
 TUNSETCARRIER = 0x400454E2
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETPERSIST = 0x400454CB
+#: In /sys/class/net/NAME/tun_flags.
+IFF_TUN_FLAG, IFF_TAP_FLAG, IFF_PERSIST = 0x0001, 0x0002, 0x0800
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 #: Frames read per wakeup at most, so one busy TAP cannot starve the link.
 READ_BUDGET = 256
@@ -52,20 +64,28 @@ class TapPort(Port):
 
     log = Logger()
 
-    def __init__(self, name: str, mac: bytes, reactor, offload: bool = True, backpressure: bool = False) -> None:
+    def __init__(
+        self, name: str, mac: Optional[bytes], reactor, offload: bool = True, backpressure: bool = False,
+        max_macs: int = 0, label: Optional[str] = None,
+    ) -> None:
+        """
+        @param mac: the MAC to give the device; None keeps the device's own
+            (a persistent TAP's, or the kernel's random one for a new TAP).
+        @param max_macs: how many source MACs a hub learns on it (a hub's
+            bridge TAP: a LAN's worth); 0 is the virtual hub's default.
+        @param label: the port's name for status and logs (default: the device's).
+        """
         import pytun
 
-        super().__init__(name, reactor, mac_offset=vnet.HEADER_SIZE if offload else 0)
+        super().__init__(name, reactor, mac_offset=vnet.HEADER_SIZE if offload else 0, max_macs=max_macs)
         self.backpressure = backpressure
 
         flags = pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
-        try:
-            self.device = pytun.TunTapDevice(name=name, flags=flags)
-        except pytun.Error as e:
-            if "busy" in str(e).lower():
-                raise TapError(f"cannot create TAP device {name}: another program (another card?) already uses it")
-            raise TapError(f"cannot create TAP device {name}: {e} (is /dev/net/tun there, and are you root?)")
-        self.name = self.device.name
+        self.device = open_tap(name, flags)
+        self.device_name = self.device.name
+        self.name = label or self.device_name
+        #: Whether the device outlives this port (made with 'sevpn nic create').
+        self.persistent = bool((tun_flags(self.device_name) or 0) & IFF_PERSIST)
         self.fd = self.device.fileno()
         fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
@@ -80,7 +100,10 @@ class TapPort(Port):
         self.carrier = False
         self.write_drops = 0
         self.set_carrier(False)
-        self.device.hwaddr = mac
+        if mac is not None and self.device.hwaddr != mac:
+            self.device.hwaddr = mac
+        #: The device's MAC.
+        self.mac = bytes(self.device.hwaddr)
         self.device.up()
 
     # carrier ---------------------------------------------------------------
@@ -146,7 +169,7 @@ class TapPort(Port):
         self.reading = False
 
     def logPrefix(self) -> str:
-        return f"tap {self.name}"
+        return f"tap {self.device_name}"
 
     # writing ---------------------------------------------------------------
 
@@ -180,3 +203,72 @@ class TapPort(Port):
                 pass
             self.device.close()
             self.fd = -1
+
+
+# opening, and persistent TAPs ----------------------------------------------------
+
+
+def open_tap(name: str, flags: int):
+    """A pytun device for TAP C{name} (attached if it exists); L{TapError} with a sentence."""
+    import pytun
+
+    try:
+        return pytun.TunTapDevice(name=name, flags=flags)
+    except pytun.Error as e:
+        code = e.args[0] if e.args and isinstance(e.args[0], int) else None
+        if code == errno.EBUSY:
+            raise TapError(f"cannot use TAP device {name}: another program (a card or a hub) already uses it")
+        if code == errno.EINVAL and os.path.exists(f"/sys/class/net/{name}"):
+            raise TapError(f"cannot use {name} as a TAP device: a network interface of another kind has that name")
+        raise TapError(f"cannot create TAP device {name}: {e} (is /dev/net/tun there, and are you root?)")
+
+
+def tun_flags(name: str) -> Optional[int]:
+    """The TUN/TAP flags of device C{name}, or None if it is not a TUN/TAP device (or absent)."""
+    try:
+        with open(f"/sys/class/net/{name}/tun_flags") as f:
+            return int(f.read().strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
+def create_persistent_tap(name: str, mac: Optional[bytes] = None) -> bytes:
+    """
+    Make TAP C{name} persistent (C{sevpn nic create}): up, without carrier
+    until a card or hub attaches, with C{mac} or the kernel's random one.
+    Returns its MAC.
+    """
+    import pytun
+
+    if os.path.exists(f"/sys/class/net/{name}"):
+        flags = tun_flags(name)
+        what = "a persistent TAP device" if flags and flags & IFF_PERSIST else "a network interface"
+        raise TapError(f"{name} already exists ({what}); pick another name or delete it first")
+    device = open_tap(name, pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR | pytun.IFF_TUN_EXCL)
+    try:
+        device.persist(True)
+        fcntl.ioctl(device.fileno(), TUNSETCARRIER, struct.pack("i", 0))
+        if mac is not None:
+            device.hwaddr = mac
+        device.up()
+        return bytes(device.hwaddr)
+    finally:
+        device.close()
+
+
+def delete_persistent_tap(name: str) -> None:
+    """Remove persistent TAP C{name} (C{sevpn nic delete}); L{TapError} with a sentence if it cannot be."""
+    import pytun
+
+    flags = tun_flags(name)
+    if flags is None:
+        if os.path.exists(f"/sys/class/net/{name}"):
+            raise TapError(f"{name} is not a TAP device; leaving it alone")
+        raise TapError(f"there is no TAP device named {name}")
+    if not flags & IFF_TAP_FLAG:
+        raise TapError(f"{name} is a TUN device, not a TAP; leaving it alone")
+    if not flags & IFF_PERSIST:
+        raise TapError(f"{name} is not persistent: it goes when the program that made it stops")
+    device = open_tap(name, pytun.IFF_TAP | pytun.IFF_NO_PI)
+    device.persist(False)
+    device.close()

@@ -154,3 +154,76 @@ class Validation(SynchronousTestCase):
             vnet.to_plain(data)
         except vnet.BadFrame:
             pass
+
+
+# UDP segmentation frames, as a bridge port meets them (sevpn.bridge) ---------------
+
+
+def ipv4_udp(payload: bytes, ident=9, link=None) -> bytes:
+    udp = struct.pack("!HHHH", 4433, 9000, 8 + len(payload), 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(payload), ident, 0x4000, 64, 17, 0,
+                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+    return (link or mac(2) + mac(1) + b"\x08\x00") + ip + udp + payload
+
+
+def ipv6_udp(payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", 4433, 9000, 8 + len(payload), 0)
+    ip = struct.pack("!IHBB16s16s", 0x60000000, len(udp) + len(payload), 17, 64, b"\xfd" + b"\0" * 14 + b"\x01",
+                     b"\xfd" + b"\0" * 14 + b"\x02")
+    return mac(2) + mac(1) + b"\x86\xdd" + ip + udp + payload
+
+
+def udp_gso(eth: bytes, mss: int, l4: int) -> bytes:
+    return struct.pack(HDR, vnet.F_NEEDS_CSUM, vnet.GSO_UDP_L4, l4 + 8, mss, l4, 6) + eth
+
+
+class UdpSegmentation(SynchronousTestCase):
+    def test_ipv4(self):
+        payload = bytes(range(256)) * 10  # 2560 bytes
+        segs = vnet.segment_udp(udp_gso(ipv4_udp(payload), 1000, 34))
+        self.assertEqual([len(s) - 42 for s in segs], [1000, 1000, 560])
+        for i, seg in enumerate(segs):
+            ip, udp = seg[14:34], seg[34:]
+            self.assertEqual(rfc1071(ip), 0)
+            self.assertEqual(struct.unpack("!H", ip[2:4])[0], len(seg) - 14)
+            self.assertEqual(struct.unpack("!H", ip[4:6])[0], 9 + i)
+            self.assertEqual(struct.unpack("!H", udp[4:6])[0], len(udp))
+            pseudo = ip[12:20] + b"\0\x11" + struct.pack("!H", len(udp))
+            self.assertEqual(rfc1071(pseudo + udp), 0, "bad UDP checksum")
+        self.assertEqual(b"".join(s[42:] for s in segs), payload)
+
+    def test_ipv6_behind_a_vlan_tag(self):
+        payload = b"q" * 3000
+        eth = ipv6_udp(payload)
+        tagged = eth[:12] + b"\x81\x00\x00\x05" + eth[12:]
+        segs = vnet.segment_udp(udp_gso(tagged, 1200, 58))
+        self.assertEqual(len(segs), 3)
+        for seg in segs:
+            self.assertEqual(seg[12:18], b"\x81\x00\x00\x05\x86\xdd")
+            ip, udp = seg[18:58], seg[58:]
+            self.assertEqual(struct.unpack("!H", ip[4:6])[0], len(udp))
+            pseudo = ip[8:40] + struct.pack("!I", len(udp)) + b"\0\0\0\x11"
+            self.assertEqual(rfc1071(pseudo + udp), 0, "bad UDP checksum")
+        self.assertEqual(b"".join(s[66:] for s in segs), payload)
+
+    def test_what_is_not_udp_segmentation(self):
+        for bad in [
+            b"\0" * 12,
+            udp_gso(ipv4_udp(b"x" * 100), 0, 34),  # segment size 0
+            gso(ipv4_tcp(b"x" * 100), vnet.GSO_TCPV4, 50, 34),  # TCP segmentation
+            udp_gso(ipv4_tcp(b"x" * 100), 50, 34),  # says UDP, is TCP
+            udp_gso(ipv4_udp(b"")[:40], 50, 34),  # no UDP header
+            udp_gso(ipv4_udp(b"x" * 1290), 10, 34),  # 129 segments: not a kernel's
+        ]:
+            self.assertRaises(vnet.BadFrame, vnet.segment_udp, bad)
+        # the hub does not carry them whole
+        self.assertFalse(vnet.valid(udp_gso(ipv4_udp(b"x" * 100), 50, 34)))
+
+    @given(st.integers(0, 65535), st.binary(max_size=200))
+    @settings(max_examples=300, deadline=None)
+    def test_fuzz(self, mss, data):
+        """A UDP segmentation header before garbage: BadFrame or frames, never anything else."""
+        try:
+            vnet.segment_udp(struct.pack(HDR, vnet.F_NEEDS_CSUM, vnet.GSO_UDP_L4, 0, mss, 34, 6) + data)
+        except vnet.BadFrame:
+            pass

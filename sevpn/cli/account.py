@@ -25,6 +25,7 @@ def account_add(args) -> None:
         server_name=args.server_name,
         auto_reconnect=args.auto_reconnect,
         proxy=args.proxy,
+        **interface_fields(args),
     )
     AccountStore(args.state_dir).save(account)
     print(f"account {args.name} saved (hub {account.hub_name} at {account.hub} as {account.user})")
@@ -61,5 +62,20 @@ def register(roles) -> None:
                    help="reconnect forever after a failure (default)")
     p.add_argument("--no-auto-reconnect", dest="auto_reconnect", action="store_false")
     p.add_argument("--proxy", help="reach the hub through this proxy: http://[user:pass@]host:port or socks5://...")
+    add_interface_options(p)
     command(accounts, "list", account_list, "list connection entries", state, json_flag=True)
     command(accounts, "delete", account_delete, "delete a connection entry", state).add_argument("name")
+
+
+# the card's interface while the account is connected (--address, --mtu, --dhcp)
+
+
+def interface_fields(args) -> dict:
+    return {"address": args.address or [], "mtu": args.mtu, "dhcp": args.dhcp}
+
+
+def add_interface_options(p) -> None:
+    p.add_argument("--address", action="append", metavar="ADDRESS/PREFIX",
+                   help="an address for the card's TAP while connected with this account (repeatable)")
+    p.add_argument("--mtu", type=int, help="the TAP's MTU while connected with this account")
+    p.add_argument("--dhcp", action="store_true", help="get an address by DHCP while connected with this account")

@@ -38,3 +38,8 @@ def register(roles) -> None:
     command(nic, "status", nic_status, "state, session and counters", state, json_flag=True)
     command(nic, "connect", nic_connect, "connect with a saved account", state, json_flag=True).add_argument("name")
     command(nic, "disconnect", nic_disconnect, "unplug the cable (no retrying)", state, json_flag=True)
+
+    # persistent TAP devices (sevpn nic create|delete): sevpn/cli/nicdevice.py
+    from sevpn.cli.nicdevice import register_devices
+
+    register_devices(nic)
