@@ -95,7 +95,7 @@ class CardService(Service):
         self.control_port = None
 
     def startService(self) -> None:
-        from sevpn.tapdevice import IFF_PERSIST, TapError, TapPort, tun_flags
+        from sevpn.tapdevice import TapError, TapPort
 
         reactor = reactor_or_global(self.reactor)
         busypoll.install(reactor, self.busy_poll)
@@ -105,10 +105,9 @@ class CardService(Service):
             if isinstance(account, str):
                 account = AccountStore(self.state_dir).get(account)
             # A persistent TAP keeps its own MAC ('sevpn nic create' gives it
-            # the card's); a TAP made now gets the card's.
-            persistent = (tun_flags(self.tap_name) or 0) & IFF_PERSIST
-            mac = self.mac or (None if persistent else load_or_create_mac(self.state_dir))
-            self.tap = TapPort(self.tap_name, mac, reactor, self.offload)
+            # the card's) unless --mac says otherwise; a TAP made now gets the card's.
+            mac = self.mac or load_or_create_mac(self.state_dir)
+            self.tap = TapPort(self.tap_name, mac, reactor, self.offload, keep_mac=self.mac is None)
             mac = self.tap.mac
             runner = ProcessRunner(reactor)
             name = self.tap.device_name

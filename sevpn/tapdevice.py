@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 from typing import List, Optional
 
@@ -41,8 +42,8 @@ TUNSETCARRIER = 0x400454E2
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETPERSIST = 0x400454CB
-#: In /sys/class/net/NAME/tun_flags.
-IFF_TUN_FLAG, IFF_TAP_FLAG, IFF_PERSIST = 0x0001, 0x0002, 0x0800
+TUNGETIFF = 0x800454D2
+IFF_PERSIST = 0x0800
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 #: Frames read per wakeup at most, so one busy TAP cannot starve the link.
 READ_BUDGET = 256
@@ -66,11 +67,13 @@ class TapPort(Port):
 
     def __init__(
         self, name: str, mac: Optional[bytes], reactor, offload: bool = True, backpressure: bool = False,
-        max_macs: int = 0, label: Optional[str] = None,
+        max_macs: int = 0, label: Optional[str] = None, keep_mac: bool = False,
     ) -> None:
         """
         @param mac: the MAC to give the device; None keeps the device's own
-            (a persistent TAP's, or the kernel's random one for a new TAP).
+            (the kernel's random one for a TAP made now).
+        @param keep_mac: a persistent TAP keeps its own MAC, whatever C{mac}
+            says (C{sevpn nic create} gave it one).
         @param max_macs: how many source MACs a hub learns on it (a hub's
             bridge TAP: a LAN's worth); 0 is the virtual hub's default.
         @param label: the port's name for status and logs (default: the device's).
@@ -85,7 +88,9 @@ class TapPort(Port):
         self.device_name = self.device.name
         self.name = label or self.device_name
         #: Whether the device outlives this port (made with 'sevpn nic create').
-        self.persistent = bool((tun_flags(self.device_name) or 0) & IFF_PERSIST)
+        self.persistent = bool(attached_flags(self.device) & IFF_PERSIST)
+        if keep_mac and self.persistent:
+            mac = None
         self.fd = self.device.fileno()
         fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
@@ -218,18 +223,24 @@ def open_tap(name: str, flags: int):
         code = e.args[0] if e.args and isinstance(e.args[0], int) else None
         if code == errno.EBUSY:
             raise TapError(f"cannot use TAP device {name}: another program (a card or a hub) already uses it")
-        if code == errno.EINVAL and os.path.exists(f"/sys/class/net/{name}"):
+        if code == errno.EINVAL and _exists(name):
             raise TapError(f"cannot use {name} as a TAP device: a network interface of another kind has that name")
         raise TapError(f"cannot create TAP device {name}: {e} (is /dev/net/tun there, and are you root?)")
 
 
-def tun_flags(name: str) -> Optional[int]:
-    """The TUN/TAP flags of device C{name}, or None if it is not a TUN/TAP device (or absent)."""
+def attached_flags(device) -> int:
+    """The TUN/TAP flags (C{IFF_PERSIST}, ...) of an attached device (C{TUNGETIFF})."""
+    answer = fcntl.ioctl(device.fileno(), TUNGETIFF, bytes(40))
+    return struct.unpack_from("16sH", answer)[1]
+
+
+def _exists(name: str) -> bool:
+    """Whether this network namespace has an interface C{name} (asked of the kernel, not of /sys)."""
     try:
-        with open(f"/sys/class/net/{name}/tun_flags") as f:
-            return int(f.read().strip(), 16)
-    except (OSError, ValueError):
-        return None
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def create_persistent_tap(name: str, mac: Optional[bytes] = None) -> bytes:
@@ -240,10 +251,9 @@ def create_persistent_tap(name: str, mac: Optional[bytes] = None) -> bytes:
     """
     import pytun
 
-    if os.path.exists(f"/sys/class/net/{name}"):
-        flags = tun_flags(name)
-        what = "a persistent TAP device" if flags and flags & IFF_PERSIST else "a network interface"
-        raise TapError(f"{name} already exists ({what}); pick another name or delete it first")
+    if _exists(name):
+        raise TapError(f"{name} already exists; pick another name, or delete it first "
+                       f"('sevpn nic delete {name}' if it is a persistent TAP)")
     device = open_tap(name, pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR | pytun.IFF_TUN_EXCL)
     try:
         device.persist(True)
@@ -260,15 +270,19 @@ def delete_persistent_tap(name: str) -> None:
     """Remove persistent TAP C{name} (C{sevpn nic delete}); L{TapError} with a sentence if it cannot be."""
     import pytun
 
-    flags = tun_flags(name)
-    if flags is None:
-        if os.path.exists(f"/sys/class/net/{name}"):
-            raise TapError(f"{name} is not a TAP device; leaving it alone")
+    if not _exists(name):
         raise TapError(f"there is no TAP device named {name}")
-    if not flags & IFF_TAP_FLAG:
-        raise TapError(f"{name} is a TUN device, not a TAP; leaving it alone")
-    if not flags & IFF_PERSIST:
-        raise TapError(f"{name} is not persistent: it goes when the program that made it stops")
-    device = open_tap(name, pytun.IFF_TAP | pytun.IFF_NO_PI)
-    device.persist(False)
-    device.close()
+    try:
+        device = open_tap(name, pytun.IFF_TAP | pytun.IFF_NO_PI)
+    except TapError as e:
+        if "another kind" in str(e):
+            raise TapError(f"{name} is not a TAP device; leaving it alone")
+        if "already uses it" in str(e):
+            raise TapError(f"cannot delete TAP device {name}: a program (a card or a hub) uses it; stop that first")
+        raise
+    try:
+        if not attached_flags(device) & IFF_PERSIST:  # only if it appeared just now: made by open_tap
+            raise TapError(f"there is no TAP device named {name}")
+        device.persist(False)
+    finally:
+        device.close()
