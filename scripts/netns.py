@@ -371,3 +371,109 @@ class in_netns:
             in_netns._setns(self._home)
         finally:
             os.close(self._home)
+
+
+def dnsmasq_unavailable() -> Optional[str]:
+    if shutil.which("dnsmasq") is None:
+        return "needs dnsmasq (apt-get install dnsmasq-base)"
+    return None
+
+
+def dhclient_unavailable() -> Optional[str]:
+    if shutil.which("dhclient") is None:
+        return "needs dhclient (apt-get install isc-dhcp-client)"
+    return None
+
+
+class Lan:
+    """
+    A real LAN behind the hub, for local bridges: namespace LAN with a
+    Linux bridge C{br0} (the LAN's router, C{.1}, where dnsmasq hands out
+    C{.100}-C{.150}), a host behind the bridge (C{.10}), and a veth from
+    the hub's namespace into the bridge, without an address, for
+    C{--bridge DEFAULT=<hub_if>}.  Its namespaces belong to the topology
+    (removed with it); L{close} removes what it adds outside namespaces.
+    """
+
+    def __init__(self, topo: Topology, prefix: str = "10.77.0", dhcp: bool = True) -> None:
+        self.topo = topo
+        self.tag = "tb" + topo.tag[2:]
+        self.prefix = prefix
+        self.ns = f"{self.tag}-lan"
+        self.host_ns = f"{self.tag}-lh"
+        self.hub_if = f"{self.tag}l"[:15]
+        self.router = f"{prefix}.1"
+        self.host = f"{prefix}.10"
+        self._etc: List[str] = []
+        topo._ns(self.ns)
+        topo._ns(self.host_ns)
+        ip = topo.ip
+        ip("-n", self.ns, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.ns, "addr", "add", f"{self.router}/24", "dev", "br0")
+        ip("-n", self.ns, "link", "set", "br0", "up")
+        ip("link", "add", "h0", "netns", self.ns, "type", "veth", "peer", "name", "eth0", "netns", self.host_ns)
+        ip("link", "add", "hub0", "netns", self.ns, "type", "veth", "peer", "name", self.hub_if, "netns",
+           topo.hub_ns)
+        for port in ("h0", "hub0"):
+            ip("-n", self.ns, "link", "set", port, "master", "br0", "up")
+        ip("-n", self.host_ns, "addr", "add", f"{self.host}/24", "dev", "eth0")
+        ip("-n", self.host_ns, "link", "set", "eth0", "up")
+        ip("-n", topo.hub_ns, "link", "set", self.hub_if, "up")
+        self.dnsmasq = None
+        if dhcp:
+            self.dnsmasq = topo.spawn(
+                self.ns, "dnsmasq", "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+                "--interface=br0", "--bind-interfaces", "--user=root", "--pid-file=", "--log-facility=-",
+                "--log-dhcp", "--dhcp-authoritative", f"--dhcp-range={prefix}.100,{prefix}.150,255.255.255.0,10m",
+                f"--dhcp-leasefile={os.path.join(topo.dir, 'dnsmasq.leases')}",
+            )
+
+    def mac(self, ns: str, dev: str = "eth0") -> str:
+        return json.loads(self.topo.run(ns, "ip", "-j", "link", "show", dev))[0]["address"]
+
+    def own_etc(self, ns: str) -> None:
+        """
+        Give namespace C{ns} its own /etc/resolv.conf (C{ip netns exec}
+        mounts /etc/netns/NS/ over /etc), so a DHCP client there never
+        writes the machine's.
+        """
+        path = f"/etc/netns/{ns}"
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "resolv.conf"), "w"):
+            pass
+        self._etc.append(path)
+
+    def close(self) -> None:
+        for path in self._etc:
+            shutil.rmtree(path, ignore_errors=True)
+        self._etc = []
+
+
+def start_card_on(topo: Topology, i: int, tap: str, *extra: str, user: Optional[str] = None) -> subprocess.Popen:
+    """
+    Card C{i} on TAP C{tap}, connecting at start, with C{extra} options
+    (its interface settings are its own: no address is set for it).
+    """
+    args = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-nic", "--state-dir", topo.card_state(i),
+            "--tap", tap, "--hub", f"{topo.hub_addr(i)}:5555", "--user", user or f"u{i}",
+            "--password-file", os.path.join(topo.dir, "password"), "--ca-file", os.path.join(topo.hub_state, "ca.pem"),
+            *extra]
+    stale = os.path.join(topo.card_state(i), "control.sock")
+    if os.path.exists(stale):
+        os.unlink(stale)
+    proc = topo.cards[i] = topo.spawn(topo.host(i), f"card{i}", *args)
+    wait_for(lambda: os.path.exists(stale) or proc.poll() is not None, 30, f"card {i} to start")
+    if proc.poll() is not None:
+        raise AssertionError(f"card {i} exited: {topo.log(f'card{i}')[-2000:]}")
+    return proc
+
+
+def link(topo: Topology, ns: str, dev: str) -> dict:
+    """C{ip -j -d addr show DEV} in C{ns} (flags, master, addresses), or {} if there is no such device."""
+    out = topo.run(ns, "ip", "-j", "-d", "addr", "show", "dev", dev, check=False).strip()
+    return json.loads(out)[0] if out.startswith("[{") else {}
+
+
+def addresses(topo: Topology, ns: str, dev: str) -> List[str]:
+    return [f"{a['local']}/{a['prefixlen']}" for a in link(topo, ns, dev).get("addr_info", [])
+            if a.get("scope") != "link"]
