@@ -2,6 +2,9 @@
 make demo: a hub and two virtual LAN cards in network namespaces, on the
 hub's and cards' default settings; ping and a TCP transfer across the
 virtual LAN, the hub's view of it, and everything removed afterwards.
+Then the main use: the hub bridged into a real LAN (a Linux bridge with a
+DHCP server and a host), and a third card that gets its address from
+that LAN's DHCP server through the VPN and pings the LAN's host.
 """
 
 import os
@@ -10,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.netns import script_topology, sevpn  # noqa: E402
+from scripts.netns import Lan, addresses, script_topology, sevpn, start_card_on, wait_for  # noqa: E402
 
 
 def step(text):
@@ -23,14 +26,21 @@ def show(cmd):
 
 
 def main():
-    topo = script_topology("demo")
+    topo = script_topology("demo", hosts=3)
+    lan = None
     try:
         step(f"namespaces {topo.hub_ns} (hub), {topo.host(1)} and {topo.host(2)} (cards), joined by veth pairs")
+        lan = Lan(topo)
+        lan.own_etc(topo.host(3))
+        print(f"a LAN in {lan.ns}: Linux bridge br0 ({lan.router}, dnsmasq hands out {lan.prefix}.100-150), "
+              f"host {lan.host} in {lan.host_ns}; the hub's {lan.hub_if} is plugged into it")
         topo.add_user("alice")
         topo.add_user("bob")
-        print(f"users alice and bob added to virtual hub DEFAULT in {topo.hub_state}")
-        step("starting the virtual HUB (twistd sevpn-hub, TLS on tcp:5555) and two virtual LAN cards")
-        topo.start_hub()
+        topo.add_user("carol")
+        print(f"users alice, bob and carol added to virtual hub DEFAULT in {topo.hub_state}")
+        step(f"starting the virtual HUB (twistd sevpn-hub, TLS on tcp:5555, --bridge DEFAULT={lan.hub_if}) "
+             "and two virtual LAN cards")
+        topo.start_hub("--bridge", f"DEFAULT={lan.hub_if}")
         topo.start_card(1, user="alice")
         topo.start_card(2, user="bob")
         for i in (1, 2):
@@ -46,6 +56,13 @@ def main():
         time.sleep(0.5)
         show(["ip", "netns", "exec", topo.host(1), "iperf3", "-c", topo.tap_addr(2), "-n", "20M", "-f", "m"])
         server.wait(10)
+        step(f"a third card, on {topo.host(3)}, with --dhcp: its address comes from the LAN's dnsmasq")
+        start_card_on(topo, 3, "sv0", "--dhcp", user="carol")
+        topo.wait_connected(3)
+        lease = wait_for(lambda: [a for a in addresses(topo, topo.host(3), "sv0") if a.startswith(lan.prefix)],
+                         60, "card 3's DHCP lease")[0]
+        print(f"card 3: TAP sv0 got {lease} by DHCP, from the LAN, through the VPN")
+        show(["ip", "netns", "exec", topo.host(3), "ping", "-c", "3", "-i", "0.2", lan.host])
         step("the hub's sessions (sevpn hub sessions)")
         print(sevpn("hub", "sessions", "--state-dir", topo.hub_state).stdout)
         step("the hub's MAC table (sevpn hub macs)")
@@ -56,6 +73,8 @@ def main():
         return 0
     finally:
         topo.close()
+        if lan is not None:
+            lan.close()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def skip_reason() -> Optional[str]:
 
 def script_topology(script: str, hosts: int = 2) -> "Topology":
     """A topology for make demo and the benchmarks; exit 1 with the reason if none can be made."""
-    reason = skip_reason()
+    reason = skip_reason() or (dnsmasq_unavailable() or dhclient_unavailable() if script == "demo" else None)
     if reason:
         print(f"{script}: cannot run: {reason}", file=sys.stderr)
         sys.exit(1)
