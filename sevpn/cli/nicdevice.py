@@ -7,8 +7,8 @@ hub, with C{--bridge-tap}) holds it, it shows NO-CARRIER.
 
 from __future__ import annotations
 
-from sevpn.cli.common import CommandError, command, print_json
-from sevpn.defaults import CARD_STATE_DIR, TAP_NAME
+from sevpn.cli.common import CommandError, print_json
+from sevpn.defaults import TAP_NAME, card_state_dir
 from sevpn.fabric import FabricError, check_ifname
 from sevpn.mac import InvalidMAC, format_mac, load_or_create_mac, parse_mac
 
@@ -25,7 +25,7 @@ def nic_create(args) -> None:
 
     name = _name(args.name)
     try:
-        mac = parse_mac(args.mac) if args.mac else load_or_create_mac(args.state_dir)
+        mac = parse_mac(args.mac) if args.mac else load_or_create_mac(args.state_dir or card_state_dir(name))
     except InvalidMAC as e:
         raise CommandError(f"--mac: {e}")
     try:
@@ -55,9 +55,13 @@ def nic_delete(args) -> None:
 
 def register_devices(nic) -> None:
     """Add C{sevpn nic create|delete} to the C{sevpn nic} commands C{nic}."""
-    p = command(nic, "create", nic_create, "make a persistent TAP device for the card", CARD_STATE_DIR,
-                json_flag=True)
-    p.add_argument("name", nargs="?", default=TAP_NAME, help=f"the TAP's name (default {TAP_NAME})")
-    p.add_argument("--mac", help="its MAC (default: the card's own, from the state dir)")
-    p = command(nic, "delete", nic_delete, "remove a persistent TAP device", CARD_STATE_DIR, json_flag=True)
-    p.add_argument("name", nargs="?", default=TAP_NAME, help=f"the TAP's name (default {TAP_NAME})")
+    for name, func, help in (("create", nic_create, "make a persistent TAP device for the card"),
+                             ("delete", nic_delete, "remove a persistent TAP device")):
+        p = nic.add_parser(name, help=help, description=help)
+        p.add_argument("name", nargs="?", default=TAP_NAME, help=f"the TAP's name (default {TAP_NAME})")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.set_defaults(func=func)
+    create = nic.choices["create"]
+    create.add_argument("--state-dir", help="the card's state dir, whose MAC the TAP gets (default "
+                        f"{card_state_dir('TAP')})")
+    create.add_argument("--mac", help="its MAC (default: the card's own, from its state dir)")
