@@ -276,13 +276,18 @@ class RawBridgePort(Port):
 
     log = Logger()
 
-    def __init__(self, interface: str, reactor, offload: bool = True, max_macs: int = BRIDGE_MAX_MACS) -> None:
+    def __init__(self, interface: str, reactor, offload: bool = True, max_macs: int = BRIDGE_MAX_MACS,
+                 sock: Optional[socket.socket] = None) -> None:
+        """
+        @param sock: the socket, already open (tests); by default
+            L{open_packet_socket} opens one.
+        """
         super().__init__(f"bridge:{interface}", reactor, mac_offset=vnet.HEADER_SIZE if offload else 0,
                          max_macs=max_macs)
         self.interface = interface
         self.reactor = reactor
         self.offload = offload
-        self.sock = open_packet_socket(interface, offload)
+        self.sock = sock if sock is not None else open_packet_socket(interface, offload)
         self.fd = self.sock.fileno()
         self.reading = False
         self.frames_in = self.bytes_in = 0

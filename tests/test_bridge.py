@@ -9,20 +9,25 @@ are skipped with the reason without it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import time
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from scripts.netns import REPO, env, in_netns, skip_reason
 from sevpn import offload as vnet
 from sevpn.bridge import (
+    PACKET_AUXDATA, PACKET_BROADCAST, PACKET_HOST, PACKET_OTHERHOST, PACKET_OUTGOING, SOL_PACKET,
     TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID, BridgeError, RawBridgePort, insert_tag,
     listening_conflict, parse_bridge_option, vlan_tag,
 )
@@ -308,3 +313,156 @@ class RawBridgePortTests(TestCase):
         self.assertEqual([f.hex() for f in frames if own in f[:12]], [])
         self.assertGreater(self.ports[LEFT].host_frames, 0)
         self.assertNotIn(own, self.ports[LEFT].macs)
+
+
+# the port's reading and writing, on a scripted socket --------------------------------
+
+
+class ScriptedSocket:
+    """What recvmsg returns, in turn (an exception is raised); what send is given, or the errno it fails with."""
+
+    def __init__(self, reads=(), send_errors=()):
+        self.reads = list(reads)
+        self.sent = []
+        self.send_errors = list(send_errors)
+        self.closed = False
+
+    def fileno(self):
+        return 99
+
+    def recvmsg(self, size, ancillary_size):
+        if not self.reads:
+            raise BlockingIOError(errno.EAGAIN, "again")
+        item = self.reads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def send(self, frame):
+        code = self.send_errors.pop(0) if self.send_errors else 0
+        if code:
+            raise OSError(code, os.strerror(code))
+        self.sent.append(frame)
+        return len(frame)
+
+    def close(self):
+        self.closed = True
+
+
+class Sink:
+    def __init__(self):
+        self.batches = []
+        self.flushes = 0
+
+    def forward(self, source, frames):
+        self.batches.append(list(frames))
+
+    def flush(self, source):
+        self.flushes += 1
+
+
+def read(frame, pkttype=PACKET_OTHERHOST, aux=None, flags=0):
+    ancillary = [(SOL_PACKET, PACKET_AUXDATA, aux)] if aux is not None else []
+    return frame, ancillary, flags, ("eth1", 0x0800, pkttype, 1, b"\0" * 6)
+
+
+class ScriptedPortTests(SynchronousTestCase):
+    def port(self, reads=(), send_errors=(), offload=True):
+        self.sock = ScriptedSocket(reads, send_errors)
+        port = RawBridgePort("eth1", Clock(), offload=offload, sock=self.sock)
+        port.sink = self.sink = Sink()
+        return port
+
+    def plain(self, n, size=60):
+        return vnet.from_plain(mac(1) + mac(n) + b"\x08\x00" + bytes([n]) * (size - 14))
+
+    def test_a_wakeup_is_one_batch(self):
+        frames = [self.plain(n) for n in range(2, 6)]
+        port = self.port([read(f) for f in frames])
+        port.doRead()
+        self.assertEqual(self.sink.batches, [frames])
+        self.assertEqual(self.sink.flushes, 1)
+        self.assertEqual(port.counters()["frames_in"], 4)
+
+    def test_the_hosts_own_frames_are_skipped(self):
+        mine = self.plain(2)
+        port = self.port([read(mine, PACKET_OUTGOING), read(mine, PACKET_HOST), read(self.plain(3), PACKET_BROADCAST)])
+        port.doRead()
+        self.assertEqual(self.sink.batches, [[self.plain(3)]])
+        self.assertEqual(port.counters()["host_frames"], 2)
+
+    def test_tags_are_put_back(self):
+        aux = auxdata(TP_STATUS_VLAN_VALID, 0x0005)
+        port = self.port([read(self.plain(2), aux=aux)])
+        port.doRead()
+        [[frame]] = self.sink.batches
+        self.assertEqual(frame[10 + 12 : 10 + 16], b"\x81\x00\x00\x05")
+
+    def test_truncated_short_and_bad_frames_are_dropped_and_counted(self):
+        bad_gso = struct.pack(HDR, 0, vnet.GSO_TCPV4, 54, 1000, 34, 16) + ipv4_tcp(b"x" * 3000)
+        port = self.port([read(self.plain(2, 2000), flags=socket.MSG_TRUNC), read(b"\0" * 20), read(bad_gso),
+                          read(self.plain(3))])
+        port.doRead()
+        self.assertEqual(self.sink.batches, [[self.plain(3)]])
+        counters = port.counters()
+        self.assertEqual((counters["truncated"], counters["bad_frames"]), (1, 2))
+
+    def test_an_interface_that_went_down_is_said_once_and_reading_goes_on(self):
+        down = OSError(errno.ENETDOWN, "Network is down")
+        port = self.port([down, read(self.plain(2)), down])
+        with _Logged() as logged:
+            port.doRead()
+            port.doRead()
+        self.assertEqual(self.sink.batches, [[self.plain(2)]])
+        self.assertEqual(logged.lines, ["bridge eth1: the interface is down; frames flow again once it is up"])
+
+    def test_the_read_budget(self):
+        port = self.port([read(self.plain(2)) for _ in range(300)])
+        port.doRead()
+        self.assertEqual(sum(map(len, self.sink.batches)), 256)
+
+    def test_what_the_interface_cannot_take_is_dropped_and_counted(self):
+        port = self.port(send_errors=[errno.ENOBUFS, errno.EAGAIN, errno.EMSGSIZE, errno.ENETDOWN, 0])
+        frames = [self.plain(n) for n in range(2, 7)]
+        port.deliver(frames, vnet.HEADER_SIZE)
+        self.assertEqual(self.sock.sent, frames[4:])
+        counters = port.counters()
+        self.assertEqual((counters["write_drops"], counters["oversized_drops"], counters["down_drops"],
+                          counters["frames_out"]), (2, 1, 1, 1))
+        self.assertTrue(port.accepting())  # it never pauses: a LAN has no flow control
+
+    def test_frames_with_a_bad_header_never_reach_the_socket(self):
+        port = self.port()
+        port.deliver([struct.pack(HDR, 0x40, 0, 0, 0, 0, 0) + ipv4_tcp(b"x")], vnet.HEADER_SIZE)
+        self.assertEqual(self.sock.sent, [])
+        self.assertEqual(port.counters()["bad_frames"], 1)
+
+    def test_without_offload_frames_go_plain(self):
+        port = self.port(offload=False)
+        port.deliver([self.plain(2)], vnet.HEADER_SIZE)
+        self.assertEqual(self.sock.sent, [self.plain(2)[vnet.HEADER_SIZE:]])
+
+    def test_close(self):
+        port = self.port()
+        port.close()
+        self.assertTrue(self.sock.closed)
+        port.deliver([self.plain(2)], vnet.HEADER_SIZE)
+        self.assertEqual(self.sock.sent, [])
+
+
+class _Logged:
+    """Collects sevpn.bridge's log lines."""
+
+    def __enter__(self):
+        from twisted.logger import globalLogPublisher
+
+        self.lines = []
+        self.observer = lambda e: self.lines.append(formatEvent(e)) if e.get("log_namespace", "").startswith(
+            "sevpn.bridge") else None
+        globalLogPublisher.addObserver(self.observer)
+        return self
+
+    def __exit__(self, *exc):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.observer)
