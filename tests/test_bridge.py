@@ -442,6 +442,16 @@ class ScriptedPortTests(SynchronousTestCase):
         port.deliver([self.plain(2)], vnet.HEADER_SIZE)
         self.assertEqual(self.sock.sent, [self.plain(2)[vnet.HEADER_SIZE:]])
 
+    def test_a_lans_worth_of_macs_is_learned(self):
+        """More MACs than a card may have (the virtual hub's per-port default) are all learned on a bridge."""
+        port = self.port([read(self.plain(n)) for n in range(2, 202)])
+        vhub = VirtualHub("LAN", Clock().seconds)
+        vhub.add_port(port)
+        port.doRead()
+        self.assertEqual(len(port.macs), 200)
+        self.assertGreater(200, vhub.max_macs_per_port)
+        self.assertEqual(vhub.mac_limit_drops, 0)
+
     def test_close(self):
         port = self.port()
         port.close()
