@@ -66,7 +66,7 @@ class Account:
         check_name("user", self.user)
         self.host, self.port = parse_hub_address(self.hub)
         #: Every node to dial, in order: (address as given, host, port).
-        self.addresses = [(self.hub, self.host, self.port)] + [(a, *parse_hub_address(a)) for a in self.more_hubs]
+        self.nodes = [(self.hub, self.host, self.port)] + [(a, *parse_hub_address(a)) for a in self.more_hubs]
         if self.proxy:
             from sevpn.proxy import parse_proxy_url
 

@@ -183,7 +183,7 @@ class Card:
         """The hub address dialled now (the account may list several nodes)."""
         if self.account is None:
             return ""
-        return self.account.addresses[self._node % len(self.account.addresses)][0]
+        return self.account.nodes[self._node % len(self.account.nodes)][0]
 
     @property
     def state(self) -> str:

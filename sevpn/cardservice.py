@@ -35,7 +35,7 @@ def tls_endpoint_for(reactor):
 
     def endpoint_for(account: Account):
         endpoints = []
-        for _, host, port in account.addresses:
+        for _, host, port in account.nodes:
             try:
                 options = client_tls_options(account.ca_file, account.server_name or host)
             except OSError as e:
