@@ -3,7 +3,9 @@ The card's accounts: the connection manager's dial-up entries, like
 SoftEther's: where to connect and as whom, picked by name.
 
 Each account is C{STATE/accounts/NAME.json}, 0600, because it holds the
-password the card must present to the hub.
+password the card must present to the hub.  It pins the hub's CA: the
+SHA-256 fingerprint of the CA file's certificate when the account was
+saved, so that a CA file replaced later is refused, not trusted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 from sevpn import defaults
-from sevpn.files import ensure_dir, read_json, write_json
+from sevpn import wire
+from sevpn.files import StateDir, ensure_dir, os_error, read_json, write_json
 from sevpn.users import DEFAULT_HUB, StateError, check_name
 
 DEFAULT_PORT = defaults.PORT
@@ -59,6 +62,8 @@ class Account:
     address: List[str] = field(default_factory=list)
     mtu: Optional[int] = None
     dhcp: bool = False
+    #: The pinned CA certificate's SHA-256 fingerprint (L{sevpn.pki.fingerprint}); None: not pinned.
+    ca_sha256: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_name("account", self.name)
@@ -108,33 +113,45 @@ class Account:
 
 class AccountStore:
     def __init__(self, state_dir: str) -> None:
+        self.state = StateDir(state_dir)
         self.directory = os.path.join(state_dir, "accounts")
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, check_name("account", name) + ".json")
 
     def save(self, account: Account) -> None:
+        self.state.create()
         ensure_dir(self.directory)
         data = asdict(account)
         write_json(self._path(account.name), data, mode=0o600)
 
     def get(self, name: str) -> Account:
-        data = read_json(self._path(name), None)
+        path = self._path(name)
+        data = read_json(path, None, "account")
         if data is None:
             raise StateError(f"there is no account named {name} (see 'sevpn account list')")
         try:
+            if not isinstance(data, dict) or data.get("name") != name:
+                raise ValueError("it is not this account's entry")
             return Account(**data)
-        except (TypeError, AttributeError):
-            raise StateError(f"the account file of {name} is damaged; delete and add it again")
+        except (TypeError, ValueError, AttributeError, StateError) as e:
+            raise StateError(
+                f"the account file {path} is damaged ({e}): run 'sevpn account delete {name}' and add it again"
+            )
 
     def names(self) -> List[str]:
         try:
-            return sorted(f[:-5] for f in os.listdir(self.directory) if f.endswith(".json"))
+            files = os.listdir(self.directory)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise os_error(e, "read the accounts in")
+        return sorted(f[:-5] for f in files if f.endswith(".json") and wire.valid_name(f[:-5]))
 
     def delete(self, name: str) -> None:
         try:
             os.unlink(self._path(name))
         except FileNotFoundError:
             raise StateError(f"there is no account named {name}")
+        except OSError as e:
+            raise os_error(e, "delete")

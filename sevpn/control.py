@@ -9,9 +9,11 @@ SENTENCE}}.  The C{sevpn} command is its client (L{call}).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import stat
 from typing import Callable, Dict
 
 from twisted.internet.defer import maybeDeferred
@@ -24,6 +26,10 @@ SOCKET_NAME = "control.sock"
 
 class ControlError(Exception):
     """A control request failed; the message is for the user."""
+
+
+class NotRunning(ControlError):
+    """Nothing listens on the state dir's control socket."""
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -70,19 +76,46 @@ def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, SOCKET_NAME)
 
 
-def listen(reactor, state_dir: str, commands: Dict[str, Callable]):
-    """Listen on the state dir's control socket, replacing a stale one."""
-    path = socket_path(state_dir)
-    if os.path.exists(path):
+def remove_stale(path: str) -> None:
+    """
+    Clear the way for a new control socket at C{path}: remove what a
+    crash left there (a socket nobody listens on, a file, a link, dangling
+    or not, which is removed itself and never followed); refuse if a hub
+    or card answers on it, or if it is a directory.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ControlError(f"cannot check the old control socket {path}: {(e.strerror or str(e)).lower()}")
+    if stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"{path} is a directory, where the control socket goes: remove it")
+    if stat.S_ISSOCK(st.st_mode):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)  # nobody listens: left over from a crash
+            pass  # nobody listens: left over from a crash
         else:
-            raise ControlError(f"another hub or card already runs with the state dir {state_dir}")
+            raise ControlError(
+                f"another hub or card already runs with the state dir {os.path.dirname(path)} "
+                f"(it answers on {path})"
+            )
         finally:
             probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ControlError(f"cannot remove the old control socket {path}: {(e.strerror or str(e)).lower()}")
+
+
+def listen(reactor, state_dir: str, commands: Dict[str, Callable]):
+    """Listen on the state dir's control socket, replacing a stale one."""
+    path = socket_path(state_dir)
+    remove_stale(path)
     old = os.umask(0o177)
     try:
         return reactor.listenUNIX(path, ControlFactory(commands), mode=0o600)
@@ -93,15 +126,23 @@ def listen(reactor, state_dir: str, commands: Dict[str, Callable]):
 def call(state_dir: str, command: str, timeout: float = 10.0, **args):
     """Ask the hub or card running on C{state_dir}; blocking, for the CLI."""
     path = socket_path(state_dir)
+    if not os.path.isdir(state_dir):
+        if os.path.exists(state_dir):
+            raise ControlError(f"the state dir {state_dir} is a file, not a directory: pass --state-dir with a directory")
+        raise ControlError(f"there is no state dir {state_dir}: pass --state-dir with the right directory")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(f"nothing is running with the state dir {state_dir} (no control socket at {path})")
+            raise NotRunning(f"nothing is running with the state dir {state_dir} (no control socket at {path})")
         except PermissionError:
-            raise ControlError(f"not allowed to use {path}: run this as root")
+            raise ControlError(f"not allowed to use {path}: run this as root (or as the state dir's owner)")
+        except OSError as e:
+            if e.errno in (errno.ENOTSOCK, errno.ECONNREFUSED, errno.ELOOP):
+                raise NotRunning(f"nothing is running with the state dir {state_dir} ({path} is stale)")
+            raise ControlError(f"cannot reach {path}: {(e.strerror or str(e)).lower()}")
         sock.sendall(json.dumps({"command": command, "args": args}).encode("utf-8") + b"\n")
         chunks = []
         while True:

@@ -13,9 +13,9 @@ import os
 import re
 from typing import Callable
 
-from sevpn.files import write_private
+from sevpn.files import StateError, read_private, write_private
 
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}")
 
 BROADCAST = b"\xff" * 6
 
@@ -33,7 +33,7 @@ def parse_mac(text: str) -> bytes:
     Parse a unicast MAC for a card, refusing what would break the segment.
     """
     text = text.strip()
-    if not _MAC_RE.match(text):
+    if not _MAC_RE.fullmatch(text):
         raise InvalidMAC(f"{text!r} is not a MAC address (expected six hex bytes like 02:00:5e:10:00:01)")
     mac = bytes(int(part, 16) for part in re.split("[:-]", text))
     if mac[0] & 1:
@@ -57,10 +57,12 @@ def load_or_create_mac(state_dir: str) -> bytes:
     The card's MAC, kept in C{state_dir/mac} so that it survives restarts.
     """
     path = os.path.join(state_dir, "mac")
-    try:
-        with open(path) as f:
-            return parse_mac(f.read())
-    except FileNotFoundError:
+    data = read_private(path, "MAC")
+    if data is None:
         mac = generate_mac()
         write_private(path, (format_mac(mac) + "\n").encode(), mode=0o644)
         return mac
+    try:
+        return parse_mac(data.decode("ascii", "replace"))
+    except InvalidMAC as e:
+        raise StateError(f"the card's MAC file {path} is damaged ({e}): remove it to get a new MAC, or pass --mac")

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sevpn.files import ensure_dir, write_private
+from sevpn.files import StateDir, StateError, read_private, write_private
 
 CA_FILE = "ca.pem"
 CA_KEY = "ca.key"
@@ -53,15 +53,14 @@ def server_names(hostnames: Iterable[str]) -> List[str]:
 
 def ensure_pki(state_dir: str, hostnames: Iterable[str] = ()) -> Tuple[str, str]:
     """Make or reuse the CA and server certificate; return (cert, key) paths."""
-    ensure_dir(state_dir)
+    StateDir(state_dir).create()
     names = server_names(hostnames)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_path, ca_key_path = os.path.join(state_dir, CA_FILE), os.path.join(state_dir, CA_KEY)
-    if os.path.exists(ca_path) and os.path.exists(ca_key_path):
-        with open(ca_path, "rb") as f:
-            ca_cert = x509.load_pem_x509_certificate(f.read())
-        with open(ca_key_path, "rb") as f:
-            ca_key = serialization.load_pem_private_key(f.read(), None)
+    ca_pem, ca_key_pem = read_private(ca_path, "certificates"), read_private(ca_key_path, "keys")
+    if ca_pem is not None and ca_key_pem is not None:
+        ca_cert = _certificate(ca_path, ca_pem)
+        ca_key = _private_key(ca_key_path, ca_key_pem)
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"sevpn hub CA {os.urandom(4).hex()}")])
@@ -83,9 +82,9 @@ def ensure_pki(state_dir: str, hostnames: Iterable[str] = ()) -> Tuple[str, str]
         write_private(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
     cert_path, key_path = os.path.join(state_dir, SERVER_CERT), os.path.join(state_dir, SERVER_KEY)
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        with open(cert_path, "rb") as f:
-            cert = x509.load_pem_x509_certificate(f.read())
+    cert_pem = read_private(cert_path, "certificates")
+    if cert_pem is not None and read_private(key_path, "keys") is not None:
+        cert = _certificate(cert_path, cert_pem)
         try:
             have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             current = set(_san(names)) <= set(have) and cert.issuer == ca_cert.subject
@@ -110,6 +109,76 @@ def ensure_pki(state_dir: str, hostnames: Iterable[str] = ()) -> Tuple[str, str]
     write_private(key_path, _key_pem(key))
     write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert_path, key_path
+
+
+def _certificate(path: str, pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise StateError(f"{path} holds no PEM certificate: restore it from a backup")
+
+
+def _private_key(path: str, pem: bytes):
+    try:
+        return serialization.load_pem_private_key(pem, None)
+    except (ValueError, TypeError):
+        raise StateError(f"{path} holds no usable private key: restore it from a backup")
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """The certificate's SHA-256 fingerprint as C{openssl x509 -fingerprint -sha256} shows it."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def load_ca_file(path: str) -> x509.Certificate:
+    """
+    The CA certificate a card is to trust, from C{path} (the hub's
+    C{STATE/ca.pem}); a L{StateError} sentence when the file is not that.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1 << 20)
+    except FileNotFoundError:
+        raise StateError(f"the CA file {path} does not exist (copy the hub's STATE/ca.pem here)")
+    except IsADirectoryError:
+        raise StateError(f"the CA file {path} is a directory: give the hub's STATE/ca.pem")
+    except OSError as e:
+        raise StateError(f"cannot read the CA file {path}: {(e.strerror or str(e)).lower()}")
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise StateError(f"the CA file {path} holds no PEM certificate: give the hub's STATE/ca.pem")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise StateError(
+            f"the CA file {path} is not a CA certificate (a hub's server.pem?): give the hub's STATE/ca.pem"
+        )
+    if cert.not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
+        raise StateError(f"the CA file {path} holds a certificate that expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    return cert
+
+
+def ca_info(state_dir: str) -> dict:
+    """The hub's CA: its path, SHA-256 fingerprint, subject and expiry."""
+    path = os.path.join(state_dir, CA_FILE)
+    pem = read_private(path, "certificates")
+    if pem is None:
+        raise StateError(
+            f"the hub with the state dir {state_dir} has no CA yet: it makes one when it first starts "
+            f"(twistd sevpn-hub --state-dir {state_dir})"
+        )
+    cert = _certificate(path, pem)
+    expires = cert.not_valid_after_utc
+    return {
+        "path": os.path.abspath(path),
+        "sha256": fingerprint(cert),
+        "subject": cert.subject.rfc4514_string(),
+        "not_after": expires.isoformat(),
+        "days_left": (expires - datetime.datetime.now(datetime.timezone.utc)).days,
+    }
 
 
 def server_tls_options(cert_path: str, key_path: str):

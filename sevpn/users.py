@@ -1,11 +1,19 @@
 """
 The hub's virtual hubs and their users, kept in its state dir.
 
-Layout: C{STATE/hubs/NAME/users.json}, one directory per virtual hub.
+Layout: C{STATE/hubs/NAME/users.json}, one directory per virtual hub:
+
+    {"users": {"alice": {"password": "scrypt$...", "disabled": true,
+                         "max_sessions": 2, "max_macs": 4, "rate_in": 10000000,
+                         "rate_out": 10000000, "broadcast_pps": 100}}}
+
 Passwords are kept only as salted scrypt hashes; files are 0600.  The
+policy fields (L{UserPolicy}) are optional; absent means no limit.  The
 files are the single source of truth: the C{sevpn hub ...} commands edit
 them with or without a running hub, and the hub reads them at every login
-(cheaply, by modification time), so a new user takes effect at once.
+(cheaply, by modification time), so a new user takes effect at once; the
+command tells a running hub too, which then ends the sessions of users
+who were deleted or disabled (L{HubState.revoked}).
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import base64
 import hashlib
 import hmac
 import os
+import shutil
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, List, Optional
 
 from sevpn import defaults, wire
-from sevpn.files import ensure_dir, read_json, write_json
+from sevpn.files import StateDir, StateError, ensure_dir, os_error, read_json, write_json
 
 DEFAULT_HUB = defaults.VIRTUAL_HUB
 
@@ -27,8 +37,7 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 
 
-class StateError(Exception):
-    """A request on the state dir that cannot be done; the message says why."""
+__all__ = ["StateError", "HubState", "UserPolicy", "DEFAULT_HUB"]  # StateError lives in sevpn.files
 
 
 def check_name(kind: str, name: str) -> str:
@@ -84,15 +93,71 @@ def read_password_file(path: str) -> bytes:
     return password
 
 
+@dataclass(frozen=True)
+class UserPolicy:
+    """
+    What a user may do on a virtual hub, kept with the user in
+    C{users.json}.  Every limit is a whole number; 0 (or absent from the
+    file) means no limit of this user's own.
+
+    @ivar disabled: the user may not log in; live sessions are ended.
+    @ivar max_sessions: sessions of this user on this virtual hub at once.
+    @ivar max_macs: source MACs each of the user's sessions may use
+        (0: the virtual hub's default per port).
+    @ivar rate_in: bits per second a session may send into the hub.
+    @ivar rate_out: bits per second the hub sends to a session.
+    @ivar broadcast_pps: broadcast and multicast frames per second a
+        session may send into the hub.
+    """
+
+    disabled: bool = False
+    max_sessions: int = 0
+    max_macs: int = 0
+    rate_in: int = 0
+    rate_out: int = 0
+    broadcast_pps: int = 0
+
+    #: The largest value each limit may take (a typo guard).
+    MAXIMA = {
+        "max_sessions": defaults.MAX_SESSIONS,
+        "max_macs": 4096,
+        "rate_in": 10**12,
+        "rate_out": 10**12,
+        "broadcast_pps": 10**7,
+    }
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.disabled, bool):
+            raise ValueError("'disabled' must be true or false")
+        for name, most in self.MAXIMA.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+                raise ValueError(f"{name} must be a whole number from 0 (no limit) to {most}, not {value!r}")
+
+    @classmethod
+    def of(cls, record: dict) -> "UserPolicy":
+        """The policy in a user's record (raises C{ValueError} for a bad one)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+    def record(self) -> dict:
+        """The fields that differ from the defaults, for the users file."""
+        default = UserPolicy()
+        return {k: v for k, v in asdict(self).items() if v != getattr(default, k)}
+
+    def public(self) -> dict:
+        return asdict(self)
+
+
 class HubState:
     """The virtual hubs and users under one hub state dir."""
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
+        self.dir = StateDir(state_dir)
         self._cache: Dict[str, tuple] = {}
 
     def _hub_dir(self, hub: str) -> str:
-        return os.path.join(self.state_dir, "hubs", hub)
+        return self.dir.join("hubs", hub)
 
     def _users_path(self, hub: str) -> str:
         return os.path.join(self._hub_dir(hub), "users.json")
@@ -103,10 +168,12 @@ class HubState:
 
     def hubs(self) -> List[str]:
         try:
-            names = os.listdir(os.path.join(self.state_dir, "hubs"))
+            names = os.listdir(self.dir.join("hubs"))
         except FileNotFoundError:
             names = []
-        names = set(n for n in names if wire.valid_name(n))
+        except OSError as e:
+            raise os_error(e, "read the virtual hubs in")
+        names = set(n for n in names if wire.valid_name(n) and os.path.isdir(self._hub_dir(n)))
         names.add(DEFAULT_HUB)
         return sorted(names)
 
@@ -115,37 +182,51 @@ class HubState:
 
     def create_hub(self, hub: str) -> None:
         check_name("virtual hub", hub)
-        ensure_dir(self.state_dir)
+        self.dir.create()
         ensure_dir(self._hub_dir(hub))
-        if not os.path.exists(self._users_path(hub)):
+        if read_json(self._users_path(hub), None, "users") is None:
             write_json(self._users_path(hub), {"users": {}})
 
     def delete_hub(self, hub: str) -> None:
-        import shutil
-
         if hub == DEFAULT_HUB:
             raise StateError("the DEFAULT virtual hub always exists and cannot be deleted")
         if not self.exists(hub):
             raise StateError(f"there is no virtual hub named {hub}")
-        shutil.rmtree(self._hub_dir(hub))
+        try:
+            shutil.rmtree(self._hub_dir(hub))
+        except OSError as e:
+            raise os_error(e, "delete")
 
     def users(self, hub: str) -> Dict[str, dict]:
+        """The user records of C{hub} (checked: a damaged file is a L{StateError})."""
         if not self.exists(hub):
             raise StateError(f"there is no virtual hub named {hub}")
         path = self._users_path(hub)
         try:
-            mtime = os.stat(path).st_mtime_ns
+            st = os.stat(path)
         except FileNotFoundError:
             return {}
+        except OSError as e:
+            raise os_error(e, "read")
+        mtime = (st.st_mtime_ns, st.st_ino, st.st_size)
         cached = self._cache.get(hub)
         if cached is not None and cached[0] == mtime:
             return cached[1]
-        users = read_json(path, {"users": {}}).get("users", {})
+        users = _checked_users(path, read_json(path, {"users": {}}, "users"))
         self._cache[hub] = (mtime, users)
         return users
 
+    def _write(self, hub: str, users: Dict[str, dict]) -> None:
+        write_json(self._users_path(hub), {"users": users})
+
+    def _record(self, hub: str, user: str) -> dict:
+        users = self.users(hub)
+        if user not in users:
+            raise StateError(f"there is no user {user} on virtual hub {hub} (see 'sevpn hub user list')")
+        return dict(users[user])
+
     def add_user(self, hub: str, user: str, password: bytes) -> bool:
-        """Add or change a user; True if the user is new."""
+        """Add a user or change a password (keeping the user's policy); True if the user is new."""
         check_name("user", user)
         if hub == DEFAULT_HUB:
             self.ensure_default()
@@ -154,7 +235,7 @@ class HubState:
         record = dict(users.get(user) or {})  # a new password keeps the user's policy
         record["password"] = hash_password(password)
         users[user] = record
-        write_json(self._users_path(hub), {"users": users})
+        self._write(hub, users)
         return new
 
     def set_cascade_user(self, hub: str, user: str, allowed: bool, max_macs: Optional[int] = None) -> None:
@@ -175,19 +256,57 @@ class HubState:
         else:
             record.pop("cascade", None)
         users[user] = record
-        write_json(self._users_path(hub), {"users": users})
+        self._write(hub, users)
 
     def cascade_user(self, hub: str, user: str) -> bool:
         """Whether other hubs' cascades may log in as C{user}."""
         record = self.users(hub).get(user) if self.exists(hub) else None
         return isinstance(record, dict) and record.get("cascade") is True
 
-    def delete_user(self, hub: str, user: str) -> None:
+    def set_user(self, hub: str, user: str, password: Optional[bytes] = None, **changes) -> UserPolicy:
+        """
+        Change a user's password and policy fields (L{UserPolicy}'s names,
+        e.g. C{disabled=True}, C{rate_in=10_000_000}); returns the policy.
+        """
+        record = self._record(hub, user)
+        try:
+            policy = replace(UserPolicy.of(record), **changes)
+        except (TypeError, ValueError) as e:
+            raise StateError(str(e))
+        for name in UserPolicy.MAXIMA.keys() | {"disabled"}:
+            record.pop(name, None)
+        record.update(policy.record())
+        if password is not None:
+            record["password"] = hash_password(password)
         users = dict(self.users(hub))
-        if user not in users:
-            raise StateError(f"there is no user {user} on virtual hub {hub}")
+        users[user] = record
+        self._write(hub, users)
+        return policy
+
+    def delete_user(self, hub: str, user: str) -> None:
+        self._record(hub, user)
+        users = dict(self.users(hub))
         del users[user]
-        write_json(self._users_path(hub), {"users": users})
+        self._write(hub, users)
+
+    def policy(self, hub: str, user: str) -> UserPolicy:
+        """C{user}'s policy on C{hub} (the defaults for an unknown user)."""
+        record = self.users(hub).get(user) if self.exists(hub) else None
+        return UserPolicy.of(record) if record is not None else UserPolicy()
+
+    def revoked(self, hub: str, user: str) -> Optional[str]:
+        """
+        Why a session of C{user} on C{hub} must end now (the sentence the
+        card and the log get), or None if the user may stay.
+        """
+        if not self.exists(hub):
+            return f"virtual hub {hub} was deleted by the operator"
+        record = self.users(hub).get(user)
+        if record is None:
+            return f"user {user} was deleted by the operator"
+        if record.get("disabled"):
+            return f"user {user} was disabled by the operator"
+        return None
 
     def policy(self, hub: str, user: str) -> dict:
         """
@@ -216,3 +335,24 @@ class HubState:
         if not right or record.get("disabled"):
             return wire.Refusal.AUTH_FAILED
         return None
+
+
+def _checked_users(path: str, data) -> Dict[str, dict]:
+    """The users of a users file, or a L{StateError} naming what is wrong in it."""
+
+    def damaged(why: str) -> StateError:
+        return StateError(f"the users file {path} is damaged ({why}): fix it, or restore it from a backup")
+
+    users = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(users, dict):
+        raise damaged("it holds no 'users' object")
+    for name, record in users.items():
+        if not wire.valid_name(name):
+            raise damaged(f"{wire.quote(name)} is not a valid user name")
+        if not isinstance(record, dict) or not isinstance(record.get("password"), str):
+            raise damaged(f"user {name} has no password hash")
+        try:
+            UserPolicy.of(record)
+        except (TypeError, ValueError) as e:
+            raise damaged(f"user {name}: {e}")
+    return users
