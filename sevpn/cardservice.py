@@ -6,18 +6,20 @@ hubs and the control socket.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from twisted.application.service import Service
+from twisted.internet.defer import TimeoutError
 from twisted.logger import Logger
 
-from sevpn import busypoll, control, defaults, proxy
+from sevpn import __version__, busypoll, control, defaults, proxy
 from sevpn.accounts import Account, AccountStore
 from sevpn.card import Card, NicSide
-from sevpn.files import ensure_dir
+from sevpn.files import StateDir, os_error
 from sevpn.mac import format_mac, load_or_create_mac
 from sevpn.netconfig import CardInterface, ConfigError, DhcpClient, InterfaceConfig, ProcessRunner
-from sevpn.pki import client_tls_options
+from sevpn.pki import client_tls_options, fingerprint, load_ca_file
 from sevpn.runtime import fatal, reactor_or_global
 from sevpn.sdnotify import notify
 from sevpn.sequencing import DEFAULT_LIMIT
@@ -34,6 +36,14 @@ def tls_endpoint_for(reactor):
     """
 
     def endpoint_for(account: Account):
+        if account.ca_sha256 is not None:
+            pinned = fingerprint(load_ca_file(account.ca_file))
+            if pinned != account.ca_sha256:
+                raise StateError(
+                    f"the CA file {account.ca_file} changed since account {account.name} was saved "
+                    f"(it pinned SHA-256 {account.ca_sha256}, the file now holds {pinned}): if the hub's CA "
+                    f"really changed, save the account again with 'sevpn account add'"
+                )
         endpoints = []
         for _, host, port in account.nodes:
             try:
@@ -100,7 +110,7 @@ class CardService(Service):
         reactor = reactor_or_global(self.reactor)
         busypoll.install(reactor, self.busy_poll)
         try:
-            ensure_dir(self.state_dir)
+            StateDir(self.state_dir).create().check(os.geteuid())
             account = self.account
             if isinstance(account, str):
                 account = AccountStore(self.state_dir).get(account)
@@ -142,7 +152,7 @@ class CardService(Service):
                 self.interface.configure(self.interface_config)
         except (StateError, TapError, control.ControlError, OSError, ValueError) as e:
             self._close()
-            raise fatal("sevpn-nic", str(e))
+            raise fatal("sevpn-nic", str(os_error(e, "use") if isinstance(e, OSError) else e))
         Service.startService(self)
         notify("READY=1", f"STATUS=TAP {self.tap.name} up, MAC {format_mac(self.card.mac)}; "
                + (f"connecting to hub {self.card.account.hub}" if self.card.account is not None else "not connected"))
@@ -153,18 +163,46 @@ class CardService(Service):
         self.card.connect(account)
         self.interface.configure(config)
 
-    def _connect(self, account: str) -> dict:
-        try:
-            self._use(AccountStore(self.state_dir).get(account))
-        except (StateError, ConfigError) as e:
-            raise control.ControlError(str(e))
-        return self._status()
-
     def _status(self) -> dict:
         info = self.card.status()
         info["interface"] = self.interface.status()
         info["persistent"] = self.tap.persistent
+        info["version"] = __version__
+        info["state_dir"] = os.path.abspath(self.state_dir)
         return info
+
+    def _connect(self, account: str, wait: bool = False, timeout: float = 30.0):
+        """
+        The C{connect} control command: dial C{account}; with C{wait},
+        answer once the card is connected, refused or disconnected, or
+        after C{timeout} seconds (then C{timed_out} is true and
+        C{last_error} says what went wrong so far).
+        """
+        try:
+            self._use(AccountStore(self.state_dir).get(str(account)))
+        except (StateError, ConfigError) as e:
+            raise control.ControlError(str(e))
+        if not wait:
+            return self._status()
+        try:
+            timeout = min(max(float(timeout), 0.0), 3600.0)
+        except (TypeError, ValueError):
+            raise control.ControlError("the timeout must be a number of seconds")
+        d = self.card.when_settled()
+        d.addTimeout(timeout, reactor_or_global(self.reactor))
+
+        def answer(result):
+            info = self._status()
+            info["timed_out"] = False
+            return info
+
+        def timed_out(failure):
+            failure.trap(TimeoutError)
+            info = self._status()
+            info["timed_out"] = True
+            return info
+
+        return d.addCallbacks(answer, timed_out)
 
     def _disconnect(self):
         return self.card.disconnect().addCallback(lambda _: self._status())

@@ -4,6 +4,8 @@ otherwise.  Options, services, the C{sevpn} command and the docs take
 them from here.
 """
 
+#: Where the state dirs of a machine's hub and cards are.
+STATE_ROOT = "/var/lib/sevpn"
 #: Where a hub keeps its CA, certificates, virtual hubs and users.
 HUB_STATE_DIR = "/var/lib/sevpn/hub"
 #: Where the cards of a machine keep their MACs and accounts: one state dir

@@ -28,7 +28,7 @@ from sevpn.port import SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT, Budget
 from sevpn.session import ILink, Session
 from sevpn.switch import DEFAULT_MAX_AGE, DEFAULT_MAX_MACS, Conflict, VirtualHub
-from sevpn.users import HubState
+from sevpn.users import HubState, StateError, UserPolicy
 from sevpn.wire import Refusal
 
 #: How often the MAC tables are swept for aged entries.
@@ -66,6 +66,9 @@ class HubSession(Session):
         self.ended = False
         #: Another hub's cascade (a whole LAN behind this session), not a card.
         self.cascade = False
+
+    #: The user's policy as last applied (L{Hub.apply_policy}).
+    policy = UserPolicy()
 
     def __repr__(self) -> str:
         return f"<HubSession {self.id} {self.user}@{self.vhub.name}>"
@@ -386,6 +389,58 @@ class Hub:
                 link.say_goodbye("the hub is shutting down")
             self.end_session(session, "the hub is shutting down")
         return links
+
+    # the operator ------------------------------------------------------------
+
+    def kick(self, session_id: str, reason: str) -> HubSession:
+        """
+        End session C{session_id} now, saying goodbye with C{reason} (the
+        card logs it and starts a fresh session).  Raises C{KeyError}.
+        """
+        session = self.sessions[session_id]
+        self.end_with_goodbye(session, reason)
+        return session
+
+    def end_with_goodbye(self, session: HubSession, reason: str) -> None:
+        """End C{session} (logged with C{reason}) and tell its card why on its link, if it has one."""
+        link = session.link
+        self.end_session(session, reason)
+        if link is not None:
+            link.say_goodbye(reason)
+
+    def users_changed(self) -> Tuple[List[Tuple[HubSession, str]], List[str]]:
+        """
+        The operator changed the users files: end the sessions of users who
+        were deleted or disabled and of deleted virtual hubs (each with a
+        goodbye saying why), and apply the others' current policy.
+
+        @return: the ended sessions with the reason, and the errors (a
+            damaged users file leaves its virtual hub's sessions as they are).
+        """
+        ended: List[Tuple[HubSession, str]] = []
+        errors: Dict[str, str] = {}
+        for session in list(self.sessions.values()):
+            hub = session.vhub.name
+            if hub in errors or session.ended:
+                continue
+            try:
+                why = self.state.revoked(hub, session.user)
+                policy = None if why else self.state.policy(hub, session.user)
+            except StateError as e:
+                errors[hub] = str(e)
+                self.log.error("cannot apply the users of virtual hub {hub}: {why}", hub=hub, why=str(e))
+                continue
+            if why:
+                self.end_with_goodbye(session, why)
+                ended.append((session, why))
+            else:
+                self.apply_policy(session, policy)
+        return ended, list(errors.values())
+
+    def apply_policy(self, session: HubSession, policy: UserPolicy) -> None:
+        """Give a live session its user's current policy (its MAC limit applies to what it learns next)."""
+        session.policy = policy
+        session.port.max_macs = policy.max_macs
 
     def _conflict(self, vhub: VirtualHub, conflict: Conflict) -> None:
         self.log.warn(

@@ -18,11 +18,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from sevpn import busypoll, control, defaults, web
+from sevpn import __version__, busypoll, control, defaults, web, wire
 from sevpn.cardservice import tls_endpoint_for
 from sevpn.cascade import CascadeManager
 from sevpn.bridge import BridgeError, attach_bridges, describe_bridges, detach_bridges
-from sevpn.files import ensure_dir
+from sevpn.files import StateDir, os_error
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
 from sevpn.metrics import read_hub
@@ -130,7 +130,7 @@ class HubService(Service):
         release_large_blocks()
         busypoll.install(reactor, self.busy_poll)
         try:
-            ensure_dir(self.state_dir)
+            StateDir(self.state_dir).create().check(os.geteuid())
             state = HubState(self.state_dir)
             state.ensure_default()
             cert, key = ensure_pki(self.state_dir, self.hostnames)
@@ -160,6 +160,8 @@ class HubService(Service):
                     "status": self.status,
                     "cascades": self.cascades.describe,
                     "cascade-reload": self.cascades.reload,
+                    "users-changed": self.users_changed,
+                    "kick": self.kick,
                 },
             )
             if self.metrics:
@@ -170,7 +172,7 @@ class HubService(Service):
             self._close()
             if self.hub is not None:
                 self.hub.shutdown()  # its sweep timer must not outlive a failed start
-            raise fatal("sevpn-hub", str(e))
+            raise fatal("sevpn-hub", str(os_error(e, "use") if isinstance(e, OSError) else e))
         Service.startService(self)
         notify("READY=1", f"STATUS=listening on {', '.join(self.listen)}")
         self.log.info(
@@ -181,6 +183,22 @@ class HubService(Service):
     def sessions(self) -> list:
         """The cards' and other hubs' cascades' sessions, then this hub's own cascades."""
         return self.hub.describe_sessions() + self.cascades.describe()
+    def users_changed(self) -> dict:
+        """The C{users-changed} control command: see L{Hub.users_changed}."""
+        ended, errors = self.hub.users_changed()
+        return {
+            "ended": [{"id": s.id, "hub": s.vhub.name, "user": s.user, "reason": why} for s, why in ended],
+            "errors": errors,
+        }
+
+    def kick(self, session: str, reason: str = "") -> dict:
+        """The C{kick} control command: end a session with a goodbye saying why."""
+        reason = (str(reason or "") or "ended by the operator")[: wire.MAX_REASON]
+        try:
+            ended = self.hub.kick(str(session), reason)
+        except KeyError:
+            raise control.ControlError(f"there is no session {session} on this hub (see 'sevpn hub sessions')")
+        return {"id": ended.id, "hub": ended.vhub.name, "user": ended.user, "reason": reason}
 
     def _attach_bridges(self, state: HubState, reactor) -> None:
         for option, pairs in (("--bridge", self.bridges), ("--bridge-tap", self.bridge_taps)):
@@ -196,6 +214,8 @@ class HubService(Service):
     def status(self) -> dict:
         hub = self.hub
         return {
+            "version": __version__,
+            "state_dir": os.path.abspath(self.state_dir),
             "listen": self.listen,
             "virtual_hubs": hub.state.hubs(),
             "sessions": len(hub.sessions),

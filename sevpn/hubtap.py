@@ -4,12 +4,49 @@ C{twistd sevpn-hub}: the virtual HUB's command line and service.
 
 from __future__ import annotations
 
+import re
+
 from twisted.application.service import IService
 from twisted.python import usage
 
 from sevpn import defaults
 from sevpn.options import CommonOptions, non_negative
 from sevpn.switch import DEFAULT_MAX_MACS
+
+#: Endpoint types that are TLS already: the hub wraps connections in TLS itself.
+_TLS_TYPES = ("ssl", "tls", "txtls")
+
+
+def check_listen(description: str) -> str:
+    """
+    C{description} if it is a server endpoint string the hub can listen
+    on, else a L{usage.UsageError} sentence naming C{--listen}.  Only
+    parsed: nothing listens yet.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0].strip().lower()
+    example = "give e.g. tcp:5555, tcp:5555:interface=192.0.2.1 or tcp6:5555"
+    if kind in _TLS_TYPES:
+        raise usage.UsageError(
+            f"--listen {description!r}: the hub wraps connections in TLS itself; {example}"
+        )
+    try:
+        serverFromString(object(), description)  # builds the endpoint; the reactor is not used yet
+    except Exception as e:
+        detail = str(e)
+        if "invalid literal" in detail:
+            detail = "a port or number in it is not a number"
+        raise usage.UsageError(f"--listen {description!r} is not an endpoint the hub can listen on ({detail}): {example}")
+    if kind in ("tcp", "tcp6"):
+        args = parts[1:]
+        ports = [a for a in args if "=" not in a][:1] + [a[5:] for a in args if a.startswith("port=")]
+        for port in ports:
+            if not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise usage.UsageError(f"--listen {description!r}: the port must be a number from 0 to 65535")
+    return description
+
 
 
 class Options(CommonOptions):
@@ -18,15 +55,16 @@ class Options(CommonOptions):
     optParameters = [
         ["state-dir", "d", defaults.HUB_STATE_DIR, "Where the hub keeps its CA, certificates and users."],
         ["mac-age", None, defaults.MAC_AGE, "Seconds before an unused MAC table entry is forgotten.",
-         non_negative(float)],
+         non_negative(float, "mac-age")],
         ["max-sessions-per-user", None, defaults.MAX_SESSIONS_PER_USER,
          "Sessions a user may have at once, connected or held (0: no limit; a user's own policy wins).",
-         non_negative(int)],
+         non_negative(int, "max-sessions-per-user")],
         ["max-macs", None, DEFAULT_MAX_MACS,
-         "Source MACs one session may use (0: no limit; a user's own policy wins).", non_negative(int)],
+         "Source MACs one session may use (0: no limit; a user's own policy wins).",
+         non_negative(int, "max-macs")],
         ["resume-memory", None, defaults.RESUME_MEMORY >> 20,
          "MiB all sessions' resume buffers may hold together; held sessions give up their oldest first.",
-         non_negative(int)],
+         non_negative(int, "resume-memory")],
         ["metrics", None, None,
          "Serve Prometheus metrics (/metrics) and a status page (/) on this endpoint, e.g. "
          "tcp:9100:interface=127.0.0.1 (default: off; loopback only unless --metrics-public)."],
@@ -54,7 +92,7 @@ class Options(CommonOptions):
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:5555 or tcp6:5555 (repeatable; default: IPv6 and IPv4 on 5555)."""
-        self["listen"].append(description)
+        self["listen"].append(check_listen(description))
 
     def opt_hostname(self, name: str) -> None:
         """A DNS name or IP address cards use to reach this hub (repeatable)."""

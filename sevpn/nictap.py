@@ -78,6 +78,9 @@ class Options(CommonOptions):
             if missing:
                 raise usage.UsageError("to connect at start also give " + ", ".join(missing))
             try:
+                from sevpn.pki import fingerprint, load_ca_file
+
+                pinned = fingerprint(load_ca_file(self["ca-file"]))
                 password = read_password_file(self["password-file"]).decode("utf-8")
                 self["connect"] = Account(
                     name="command-line",
@@ -90,9 +93,12 @@ class Options(CommonOptions):
                     auto_reconnect=not self["no-auto-reconnect"],
                     proxy=self["proxy"],
                     more_hubs=self["more-hubs"],
+                    ca_sha256=pinned,
                 )
-            except (StateError, UnicodeDecodeError) as e:
-                raise usage.UsageError(str(e))
+            except StateError as e:
+                raise usage.UsageError(f"{e}")
+            except UnicodeDecodeError:
+                raise usage.UsageError(f"--password-file {self['password-file']}: the password must be UTF-8 text")
 
     def _interface(self) -> None:
         """The TAP's name and settings, checked before anything touches /dev/net/tun."""

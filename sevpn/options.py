@@ -15,13 +15,19 @@ from sevpn import busypoll, defaults
 from sevpn.timing import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Keepalive
 
 
-def non_negative(kind: Callable) -> Callable:
-    """An option coercer: C{kind(text)}, refusing negative numbers with a sentence."""
+def non_negative(kind: Callable, option: str) -> Callable:
+    """An option coercer: C{kind(text)}, refusing other text and negative numbers with a sentence naming C{--option}."""
 
     def convert(text):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"--{option} must be {what}, not {text!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"--{option} must be a finite number, not {text!r}")
         if value < 0:
-            raise ValueError(f"{text} must not be negative")
+            raise ValueError(f"--{option} must not be negative, not {text}")
         return value
 
     convert.coerceDoc = "Must not be negative."
@@ -33,18 +39,18 @@ class CommonOptions(usage.Options):
 
     optParameters = [
         ["resume-window", None, defaults.RESUME_WINDOW,
-         "Seconds a broken session is held for resumption (0: never).", non_negative(float)],
+         "Seconds a broken session is held for resumption (0: never).", non_negative(float, "resume-window")],
         ["resume-buffer", None, defaults.RESUME_BUFFER >> 20,
-         "MiB of frames held per session and direction for resumption.", non_negative(int)],
+         "MiB of frames held per session and direction for resumption.", non_negative(int, "resume-buffer")],
         ["keepalive-min", None, KEEPALIVE_INTERVAL[0], "Least seconds of silence before a NULL packet.",
-         non_negative(float)],
+         non_negative(float, "keepalive-min")],
         ["keepalive-max", None, KEEPALIVE_INTERVAL[1], "Most seconds of silence before a NULL packet.",
-         non_negative(float)],
+         non_negative(float, "keepalive-max")],
         ["keepalive-timeout", None, KEEPALIVE_TIMEOUT, "Seconds without a word from the peer before it is gone.",
-         non_negative(float)],
+         non_negative(float, "keepalive-timeout")],
         ["busy-poll", None, int(busypoll.WINDOW * 1e6),
          "Microseconds to stay awake after traffic, so a reply finds the process hot (0: sleep at once).",
-         non_negative(int)],
+         non_negative(int, "busy-poll")],
     ]
 
     def postOptions(self) -> None:
