@@ -35,7 +35,8 @@ class Commands(SynchronousTestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(json.loads(r.stdout), {"hub": "DEFAULT", "user": "bob", "added": True})
         users = json.loads(sevpn("hub", "user", "list", "--json", "--state-dir", self.hub).stdout)
-        self.assertEqual(users, [{"hub": "DEFAULT", "user": "alice"}, {"hub": "DEFAULT", "user": "bob"}])
+        self.assertEqual([(u["hub"], u["user"], u["disabled"]) for u in users],
+                         [("DEFAULT", "alice", False), ("DEFAULT", "bob", False)])
         path = os.path.join(self.hub, "hubs", "DEFAULT", "users.json")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         with open(path) as f:
@@ -52,8 +53,10 @@ class Commands(SynchronousTestCase):
         self.assertEqual([h["hub"] for h in hubs], ["DEFAULT", "LAB"])
 
     def test_accounts_are_private(self):
-        ca = os.path.join(self.dir, "ca.pem")
-        open(ca, "w").close()
+        from sevpn.pki import ensure_pki
+
+        ensure_pki(os.path.join(self.dir, "pki"))
+        ca = os.path.join(self.dir, "pki", "ca.pem")
         r = sevpn("account", "add", "office", "--state-dir", self.nic, "--hub", "vpn.example.org:5555",
                   "--user", "alice", "--password-file", self.pw, "--ca-file", ca, "--no-auto-reconnect")
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -69,8 +72,9 @@ class Commands(SynchronousTestCase):
 
     def test_errors_are_sentences(self):
         cases = [
-            (("nic", "status", "--state-dir", self.nic), "nothing is running with the state dir"),
-            (("hub", "sessions", "--state-dir", self.hub), "nothing is running with the state dir"),
+            (("nic", "status", "--state-dir", self.nic), "there is no state dir"),
+            (("hub", "sessions", "--state-dir", self.hub), "there is no state dir"),
+            (("hub", "sessions", "--state-dir", self.dir), "nothing is running with the state dir"),
             (("account", "add", "x", "--state-dir", self.nic, "--hub", "h:99999", "--user", "u",
               "--password-file", self.pw, "--ca-file", self.pw), "is not a hub address"),
             (("account", "add", "x", "--state-dir", self.nic, "--hub", "h:1", "--user", "u",

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 
-from sevpn.accounts import Account, AccountStore
-from sevpn.cli.common import CommandError, command, password, print_json, table
+from sevpn.accounts import Account, AccountStore, parse_hub_address
+from sevpn.cli.common import command, password, print_json, table
 from sevpn.defaults import CARD_STATE_DIR
+from sevpn.files import StateDir, StateError
+from sevpn.pki import fingerprint, load_ca_file
 from sevpn.users import DEFAULT_HUB
 
 
 def account_add(args) -> None:
+    parse_hub_address(args.hub)  # a typo in the address is said before anything else
     ca_file = os.path.abspath(args.ca_file)
-    if not os.path.isfile(ca_file):
-        raise CommandError(f"the CA file {args.ca_file} does not exist")
+    pinned = fingerprint(load_ca_file(ca_file))
     account = Account(
         name=args.name,
         hub=args.hub[0],
@@ -26,18 +29,36 @@ def account_add(args) -> None:
         auto_reconnect=args.auto_reconnect,
         proxy=args.proxy,
         **interface_fields(args),
+        ca_sha256=pinned,
     )
+    StateDir(args.state_dir).create().check()
     AccountStore(args.state_dir).save(account)
+    if args.json:
+        print_json(account.public())
+        return
     print(f"account {args.name} saved (hub {account.hub_name} at {account.hub} as {account.user})")
+    print(f"it trusts the CA certificate in {ca_file}, SHA-256 fingerprint {pinned}")
+    print("(compare with 'sevpn hub ca' on the hub; a different certificate in that file will be refused)")
 
 
 def account_list(args) -> None:
+    StateDir(args.state_dir).require().check()
     store = AccountStore(args.state_dir)
-    rows = [store.get(n).public() for n in store.names()]
+    rows, damaged = [], []
+    for name in store.names():
+        try:
+            rows.append(store.get(name).public())
+        except StateError as e:
+            damaged.append(str(e))
     print_json(rows) if args.json else table(rows, ["name", "hub", "hub_name", "user", "auto_reconnect"])
+    if damaged:
+        for why in damaged:
+            print(f"sevpn: {why}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def account_delete(args) -> None:
+    StateDir(args.state_dir).require().check()
     AccountStore(args.state_dir).delete(args.name)
     print(f"account {args.name} deleted")
 
@@ -49,7 +70,7 @@ def register(roles) -> None:
     )
     accounts.required = True
     state = CARD_STATE_DIR
-    p = command(accounts, "add", account_add, "save a connection entry", state)
+    p = command(accounts, "add", account_add, "save a connection entry", state, json_flag=True)
     p.add_argument("name")
     p.add_argument("--hub", required=True, action="append",
                    help="the hub's HOST:PORT; repeat it for the other nodes of a fabric, tried in turn")

@@ -1,45 +1,110 @@
 """
-What every C{sevpn} command shares: its state dir and C{--json} options,
-printing tables and JSON, reading a password, and errors as sentences.
+What every C{sevpn} command shares: its state dir (C{--state-dir}, or for
+a card C{--tap IF}), C{--json}, printing tables and JSON with human units,
+reading a password, and errors as sentences.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Callable, List, Optional
 
+from sevpn import defaults
+from sevpn.units import format_duration, format_rate, format_size
 from sevpn.users import read_password_file
+
+#: A network interface name as Linux takes it, matched whole.
+_INTERFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 
 
 class CommandError(Exception):
     """A command cannot be done; the message is the sentence the user sees."""
 
 
+def interface_name(text: str) -> str:
+    """An argparse type: a TAP device name."""
+    if not _INTERFACE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a network interface name (letters, digits, '.', '_' and '-', up to 15 characters)"
+        )
+    return text
+
+
 def command(sub, name: str, func: Callable, help: str, state: str, json_flag: bool = False) -> argparse.ArgumentParser:
-    """Add command C{name} with its C{--state-dir} (and C{--json}) options."""
+    """
+    Add command C{name} with its C{--state-dir} (and C{--json}) options.
+    A card's commands (C{state} is L{defaults.CARD_STATE_DIR}) also take
+    C{--tap IF} / C{-i IF}: the state dir of the card on that TAP,
+    C{/var/lib/sevpn/nic-IF}; C{--state-dir} wins when both are given.
+    """
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--state-dir", default=state, help=f"state directory (default {state})")
+    p.add_argument("--state-dir", default=None, help=f"state directory (default {state})")
+    if state == defaults.CARD_STATE_DIR:
+        p.add_argument("--tap", "-i", type=interface_name, metavar="IF",
+                       help=f"the card on TAP IF: state directory {defaults.CARD_STATE_DIR_OF % 'IF'}")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, default_state_dir=state)
     return p
+
+
+def resolve_state_dir(args: argparse.Namespace) -> None:
+    """Fill in C{args.state_dir}: C{--state-dir}, else C{--tap}'s, else the command's default."""
+    if getattr(args, "state_dir", "") is None:
+        tap = getattr(args, "tap", None)
+        args.state_dir = defaults.CARD_STATE_DIR_OF % tap if tap else args.default_state_dir
 
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def table(rows: List[dict], columns: List[str]) -> None:
+#: Keys whose values are seconds, sizes in bytes, or rates in bits per second.
+_DURATIONS = {"uptime", "age", "resume_window", "expires_in"}
+
+
+def human(key: str, value) -> str:
+    """A status or table value as a person reads it (JSON keeps the raw value)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if key in _DURATIONS or key.endswith("_seconds"):
+            return format_duration(value)
+        if key.startswith("bytes_") or key.endswith("_bytes"):
+            return format_size(value)
+        if key.startswith("rate_"):
+            return format_rate(value)
+        return str(round(value, 3)) if isinstance(value, float) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(human(key, v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {human(k, v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def table(rows: List[dict], columns: List[str], headers: Optional[List[str]] = None) -> None:
+    """Rows as aligned columns, values in human units."""
     if not rows:
         print("(none)")
         return
-    text = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    headers = headers or [c.replace("_", " ") for c in columns]
+    text = [[human(c, r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in text)) for i, h in enumerate(headers)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
     for t in text:
         print("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+
+
+def fields(info: dict, order: List[str], width: int = 22) -> None:
+    """C{key: value} lines, the keys in C{order} first, then the others."""
+    keys = [k for k in order if k in info] + sorted(k for k in info if k not in order)
+    for key in keys:
+        print(f"{(key.replace('_', ' ') + ':'):{width}}{human(key, info[key])}")
 
 
 def password(path: Optional[str]) -> str:

@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import Optional
+
 from sevpn import control
 from sevpn.cli import cascade
-from sevpn.cli.common import CommandError, command, password, print_json, table
+from sevpn.cli.common import CommandError, command, fields, human, password, print_json, table
 from sevpn.defaults import HUB_STATE_DIR
-from sevpn.users import DEFAULT_HUB, HubState
+from sevpn.files import StateDir
+from sevpn.pki import ca_info
+from sevpn.units import parse_rate
+from sevpn.users import DEFAULT_HUB, HubState, UserPolicy
+
+
+def _state(args, write: bool = False) -> HubState:
+    """The hub state of C{--state-dir}: it must exist unless the command writes."""
+    state_dir = StateDir(args.state_dir)
+    (state_dir.create() if write else state_dir.require()).check()
+    return HubState(args.state_dir)
+
+
+def tell_hub(args, done: str) -> list:
+    """
+    Tell a hub running on the state dir that users changed, so that it
+    ends the sessions of users deleted or disabled and applies the
+    others' policy now (it reads the files at each login anyway).
+    Returns the sessions it ended; none when no hub runs here.
+
+    @param done: what the command did, for the sentence if the hub
+        cannot be told.
+    """
+    try:
+        result = control.call(args.state_dir, "users-changed")
+    except control.NotRunning:
+        return []
+    except control.ControlError as e:
+        raise CommandError(f"{done}, but the running hub could not be told ({e}); run the command again")
+    if result.get("errors"):
+        raise CommandError(f"{done}, but the running hub could not apply it: {'; '.join(result['errors'])}")
+    return result.get("ended", [])
+
+
+def _report(args, done: str, ended: list, **info) -> None:
+    if args.json:
+        print_json(dict(info, ended=ended))
+        return
+    print(done)
+    for s in ended:
+        print(f"ended session {s['id']} of {s['user']} on virtual hub {s['hub']}: {s['reason']}")
 
 
 def hub_create(args) -> None:
-    state = HubState(args.state_dir)
+    state = _state(args, write=True)
     if state.exists(args.name) and args.name != DEFAULT_HUB:
         raise CommandError(f"virtual hub {args.name} already exists")
     state.create_hub(args.name)
@@ -18,18 +61,19 @@ def hub_create(args) -> None:
 
 
 def hub_delete(args) -> None:
-    HubState(args.state_dir).delete_hub(args.name)
-    print(f"virtual hub {args.name} deleted; its sessions end when they next reconnect")
+    _state(args).delete_hub(args.name)
+    done = f"virtual hub {args.name} deleted"
+    _report(args, done, tell_hub(args, done), hub=args.name, deleted=True)
 
 
 def hub_list(args) -> None:
-    state = HubState(args.state_dir)
-    rows = [{"hub": h, "users": len(state.users(h)) if state.exists(h) else 0} for h in state.hubs()]
+    state = _state(args)
+    rows = [{"hub": h, "users": len(state.users(h))} for h in state.hubs()]
     print_json(rows) if args.json else table(rows, ["hub", "users"])
 
 
 def user_add(args) -> None:
-    state = HubState(args.state_dir)
+    state = _state(args, write=True)
     if not state.exists(args.hub):
         raise CommandError(f"there is no virtual hub named {args.hub} (create it with 'sevpn hub create {args.hub}')")
     new = state.add_user(args.hub, args.user, password(args.password_file).encode("utf-8"))
@@ -39,35 +83,75 @@ def user_add(args) -> None:
         print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}")
 
 
+#: The columns of C{sevpn hub user list}: the policy fields of L{UserPolicy}.
+POLICY_COLUMNS = ["max_sessions", "max_macs", "rate_in", "rate_out", "broadcast_pps"]
+
+
 def user_list(args) -> None:
-    state = HubState(args.state_dir)
+    state = _state(args)
     hubs = [args.hub] if args.hub else state.hubs()
-    rows = [{"hub": h, "user": u} for h in hubs for u in sorted(state.users(h))]
-    print_json(rows) if args.json else table(rows, ["hub", "user"])
+    rows = []
+    for h in hubs:
+        for user in sorted(state.users(h)):
+            policy = state.policy(h, user).public()
+            row = {"hub": h, "user": user}
+            row.update(policy)
+            if not args.json:
+                row["disabled"] = "disabled" if policy["disabled"] else "enabled"
+                row.update({k: (v or None) for k, v in policy.items() if k in POLICY_COLUMNS})  # 0: no limit
+            rows.append(row)
+    if args.json:
+        print_json(rows)
+    else:
+        table(rows, ["hub", "user", "disabled"] + POLICY_COLUMNS,
+              ["hub", "user", "state", "sessions", "macs", "rate in", "rate out", "bcast pps"])
 
 
 def user_delete(args) -> None:
-    HubState(args.state_dir).delete_user(args.hub, args.user)
-    if args.json:
-        print_json({"hub": args.hub, "user": args.user, "deleted": True})
-    else:
-        print(f"user {args.user} deleted from virtual hub {args.hub}")
+    _state(args).delete_user(args.hub, args.user)
+    done = f"user {args.user} deleted from virtual hub {args.hub}"
+    _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, deleted=True)
+
+
+def user_enable(args, disabled: bool) -> None:
+    _state(args).set_user(args.hub, args.user, disabled=disabled)
+    done = f"user {args.user} {'disabled' if disabled else 'enabled'} on virtual hub {args.hub}"
+    _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, disabled=disabled)
+
+
+def user_set(args) -> None:
+    changes = {k: getattr(args, k) for k in POLICY_COLUMNS if getattr(args, k) is not None}
+    new_password = password(args.password_file).encode("utf-8") if args.password_file else None
+    if not changes and new_password is None:
+        raise CommandError("nothing to set: give --password-file, --max-sessions, --max-macs, --rate-in, "
+                           "--rate-out or --broadcast-pps")
+    policy = _state(args).set_user(args.hub, args.user, new_password, **changes)
+    shown = ", ".join(f"{k.replace('_', ' ')} {human(k, v) if v else 'no limit'}" for k, v in changes.items())
+    done = f"user {args.user} on virtual hub {args.hub}: " + (shown or "password changed")
+    _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, policy=policy.public())
+
+
+def _control(args, name: str, **kw):
+    StateDir(args.state_dir).require()
+    return control.call(args.state_dir, name, **kw)
 
 
 def hub_sessions(args) -> None:
-    rows = control.call(args.state_dir, "sessions")
+    rows = _control(args, "sessions")
     if args.json:
         print_json(rows)
         return
     table(
         rows,
-        ["id", "kind", "hub", "user", "peer", "state", "uptime", "frames_in", "frames_out", "resumes",
-         "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"],
+        ["id", "kind", "hub", "user", "peer", "state", "uptime", "bytes_in", "bytes_out", "frames_in", "frames_out",
+         "resumes", "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"],
+        ["id", "kind", "hub", "user", "peer", "state", "uptime", "in", "out", "frames in", "frames out",
+         "resumes", "held", "resent", "dropped", "congestion"],
     )
 
 
 def hub_macs(args) -> None:
-    macs = control.call(args.state_dir, "macs")
+    macs = _control(args, "macs")
     if args.json:
         print_json(macs)
         return
@@ -83,12 +167,57 @@ def hub_macs(args) -> None:
 
 
 def hub_status(args) -> None:
-    info = control.call(args.state_dir, "status")
+    info = _control(args, "status")
     if args.json:
         print_json(info)
+        return
+    fields(info, ["version", "state_dir", "listen", "virtual_hubs", "sessions", "handshaking", "turned_away",
+                  "refusals", "resume_window"])
+
+
+def hub_ca(args) -> None:
+    StateDir(args.state_dir).require()
+    info = ca_info(args.state_dir)
+    if args.json:
+        print_json(info)
+        return
+    print(f"CA certificate:       {info['path']}")
+    print(f"SHA-256 fingerprint:  {info['sha256']}")
+    print(f"subject:              {info['subject']}")
+    print(f"expires:              {info['not_after'][:10]} (in {info['days_left']} days)")
+    print("Cards trust this file (sevpn account add ... --ca-file); check the fingerprint they print against this.")
+
+
+def session_kick(args) -> None:
+    ended = _control(args, "kick", session=args.id, reason=args.reason or "")
+    if args.json:
+        print_json(ended)
     else:
-        for key, value in info.items():
-            print(f"{key}: {value}")
+        print(f"ended session {ended['id']} of {ended['user']} on virtual hub {ended['hub']}: {ended['reason']}")
+
+
+def _count(option: str, most: int):
+    def convert(text: str) -> int:
+        if not text.isdigit() or int(text) > most:
+            raise argparse.ArgumentTypeError(f"give a whole number from 0 (no limit) to {most}, not {text!r}")
+        return int(text)
+
+    return convert
+
+
+def _rate(option: str):
+    def convert(text: str) -> int:
+        try:
+            return parse_rate(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e))
+
+    return convert
+
+
+def _user_args(p, hub: Optional[str] = DEFAULT_HUB) -> None:
+    p.add_argument("user")
+    p.add_argument("--hub", default=hub, help="virtual hub (default DEFAULT)")
 
 
 def register(roles) -> None:
@@ -97,20 +226,47 @@ def register(roles) -> None:
     hub.required = True
     state = HUB_STATE_DIR
     command(hub, "create", hub_create, "add a virtual hub", state).add_argument("name")
-    command(hub, "delete", hub_delete, "delete a virtual hub", state).add_argument("name")
+    command(hub, "delete", hub_delete, "delete a virtual hub (its sessions end)", state, json_flag=True).add_argument("name")
     command(hub, "list", hub_list, "list virtual hubs", state, json_flag=True)
     command(hub, "sessions", hub_sessions, "the running hub's sessions", state, json_flag=True)
     command(hub, "macs", hub_macs, "the running hub's MAC table per virtual hub", state, json_flag=True)
     command(hub, "status", hub_status, "the running hub's status", state, json_flag=True)
+    command(hub, "ca", hub_ca, "the hub's CA certificate: path, SHA-256 fingerprint, expiry", state, json_flag=True)
+
+    sessions = hub.add_parser("session", help="act on one session of the running hub").add_subparsers(
+        dest="session_command", metavar="COMMAND"
+    )
+    sessions.required = True
+    p = command(sessions, "kick", session_kick, "end a session now, telling its card why", state, json_flag=True)
+    p.add_argument("id", help="the session's id (see 'sevpn hub sessions')")
+    p.add_argument("--reason", help="what the card is told and the log says (default: ended by the operator)")
+
     users = hub.add_parser("user", help="users of a virtual hub").add_subparsers(dest="user_command", metavar="COMMAND")
     users.required = True
     p = command(users, "add", user_add, "add a user or change a password", state, json_flag=True)
-    p.add_argument("user")
-    p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
+    _user_args(p)
     p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
-    p = command(users, "list", user_list, "list users", state, json_flag=True)
+    p = command(users, "list", user_list, "list users and their policy", state, json_flag=True)
     p.add_argument("--hub", help="only this virtual hub")
-    p = command(users, "delete", user_delete, "delete a user", state, json_flag=True)
-    p.add_argument("user")
-    p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
+    p = command(users, "delete", user_delete, "delete a user (their sessions end)", state, json_flag=True)
+    _user_args(p)
+    p = command(users, "disable", lambda a: user_enable(a, True), "refuse a user's logins and end their sessions",
+                state, json_flag=True)
+    _user_args(p)
+    p = command(users, "enable", lambda a: user_enable(a, False), "let a disabled user log in again", state,
+                json_flag=True)
+    _user_args(p)
+    p = command(users, "set", user_set, "change a user's password or policy (0: no limit)", state, json_flag=True)
+    _user_args(p)
+    p.add_argument("--password-file", help="file whose first line is the new password ('-' for standard input)")
+    p.add_argument("--max-sessions", type=_count("--max-sessions", UserPolicy.MAXIMA["max_sessions"]), metavar="N",
+                   help="sessions of this user at once")
+    p.add_argument("--max-macs", type=_count("--max-macs", UserPolicy.MAXIMA["max_macs"]), metavar="N",
+                   help="source MACs per session")
+    p.add_argument("--rate-in", type=_rate("--rate-in"), metavar="RATE",
+                   help="bits/s a session may send into the hub, e.g. 10M or 500k")
+    p.add_argument("--rate-out", type=_rate("--rate-out"), metavar="RATE",
+                   help="bits/s the hub sends to a session, e.g. 10M or 500k")
+    p.add_argument("--broadcast-pps", type=_count("--broadcast-pps", UserPolicy.MAXIMA["broadcast_pps"]),
+                   metavar="N", help="broadcast and multicast frames per second a session may send")
     cascade.register(hub)
