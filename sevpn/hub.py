@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import hmac
 import os
-from typing import Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -28,7 +29,7 @@ from sevpn.port import SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT, Budget
 from sevpn.session import ILink, Session
 from sevpn.switch import DEFAULT_MAX_AGE, DEFAULT_MAX_MACS, Conflict, VirtualHub
-from sevpn.users import HubState, StateError, UserPolicy
+from sevpn.users import HubState, StateError
 from sevpn.wire import Refusal
 
 #: How often the MAC tables are swept for aged entries.
@@ -67,8 +68,8 @@ class HubSession(Session):
         #: Another hub's cascade (a whole LAN behind this session), not a card.
         self.cascade = False
 
-    #: The user's policy as last applied (L{Hub.apply_policy}).
-    policy = UserPolicy()
+    #: The user's own limits as last applied (L{Hub.apply_policy}; L{HubState.policy}).
+    policy: Mapping[str, int] = MappingProxyType({})
 
     def __repr__(self) -> str:
         return f"<HubSession {self.id} {self.user}@{self.vhub.name}>"
@@ -425,7 +426,7 @@ class Hub:
                 continue
             try:
                 why = self.state.revoked(hub, session.user)
-                policy = None if why else self.state.policy(hub, session.user)
+                policy = {} if why else self.state.policy(hub, session.user)
             except StateError as e:
                 errors[hub] = str(e)
                 self.log.error("cannot apply the users of virtual hub {hub}: {why}", hub=hub, why=str(e))
@@ -437,10 +438,13 @@ class Hub:
                 self.apply_policy(session, policy)
         return ended, list(errors.values())
 
-    def apply_policy(self, session: HubSession, policy: UserPolicy) -> None:
-        """Give a live session its user's current policy (its MAC limit applies to what it learns next)."""
-        session.policy = policy
-        session.port.max_macs = policy.max_macs
+    def apply_policy(self, session: HubSession, policy: Mapping[str, int]) -> None:
+        """
+        Give a live session its user's current limits (L{HubState.policy});
+        its MAC limit holds for the MACs it learns next.
+        """
+        session.policy = MappingProxyType(dict(policy))
+        session.port.max_macs = policy.get("max_macs") or 0
 
     def _conflict(self, vhub: VirtualHub, conflict: Conflict) -> None:
         self.log.warn(

@@ -4,11 +4,12 @@ The hub's virtual hubs and their users, kept in its state dir.
 Layout: C{STATE/hubs/NAME/users.json}, one directory per virtual hub:
 
     {"users": {"alice": {"password": "scrypt$...", "disabled": true,
-                         "max_sessions": 2, "max_macs": 4, "rate_in": 10000000,
-                         "rate_out": 10000000, "broadcast_pps": 100}}}
+                         "policy": {"max_sessions": 2, "max_macs": 4, "rate_in": 10000000,
+                                    "rate_out": 10000000, "broadcast_pps": 100}}}}
 
 Passwords are kept only as salted scrypt hashes; files are 0600.  The
-policy fields (L{UserPolicy}) are optional; absent means no limit.  The
+policy (L{UserPolicy}) and its fields are optional; absent means the hub's
+default.  The
 files are the single source of truth: the C{sevpn hub ...} commands edit
 them with or without a running hub, and the hub reads them at every login
 (cheaply, by modification time), so a new user takes effect at once; the
@@ -24,7 +25,7 @@ import hmac
 import os
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 from sevpn import defaults, wire
 from sevpn.files import StateDir, StateError, ensure_dir, os_error, read_json, write_json
@@ -96,21 +97,20 @@ def read_password_file(path: str) -> bytes:
 @dataclass(frozen=True)
 class UserPolicy:
     """
-    What a user may do on a virtual hub, kept with the user in
-    C{users.json}.  Every limit is a whole number; 0 (or absent from the
-    file) means no limit of this user's own.
+    A user's own limits on a virtual hub: C{"policy"} in the user's record
+    in C{users.json}.  Each is a whole number; 0 (or absent from the file)
+    means the hub's default, which for the rates is no limit.
 
-    @ivar disabled: the user may not log in; live sessions are ended.
-    @ivar max_sessions: sessions of this user on this virtual hub at once.
+    @ivar max_sessions: sessions of this user on this virtual hub at once,
+        connected or held (default L{defaults.MAX_SESSIONS_PER_USER}).
     @ivar max_macs: source MACs each of the user's sessions may use
-        (0: the virtual hub's default per port).
+        (default: the hub's limit per session).
     @ivar rate_in: bits per second a session may send into the hub.
     @ivar rate_out: bits per second the hub sends to a session.
     @ivar broadcast_pps: broadcast and multicast frames per second a
         session may send into the hub.
     """
 
-    disabled: bool = False
     max_sessions: int = 0
     max_macs: int = 0
     rate_in: int = 0
@@ -118,7 +118,7 @@ class UserPolicy:
     broadcast_pps: int = 0
 
     #: The largest value each limit may take (a typo guard).
-    MAXIMA = {
+    MAXIMA: ClassVar[Dict[str, int]] = {
         "max_sessions": defaults.MAX_SESSIONS,
         "max_macs": 4096,
         "rate_in": 10**12,
@@ -127,25 +127,25 @@ class UserPolicy:
     }
 
     def __post_init__(self) -> None:
-        if not isinstance(self.disabled, bool):
-            raise ValueError("'disabled' must be true or false")
         for name, most in self.MAXIMA.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
-                raise ValueError(f"{name} must be a whole number from 0 (no limit) to {most}, not {value!r}")
+            if type(value) is not int or not 0 <= value <= most:
+                raise ValueError(f"{name} must be a whole number from 0 (the default) to {most}, not {value!r}")
 
     @classmethod
     def of(cls, record: dict) -> "UserPolicy":
-        """The policy in a user's record (raises C{ValueError} for a bad one)."""
-        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+        """
+        The policy in a user's record (C{ValueError} for a bad one; keys
+        this version does not know are left alone).
+        """
+        policy = record.get("policy", {})
+        if not isinstance(policy, dict):
+            raise ValueError("'policy' must be an object")
+        return cls(**{f.name: policy[f.name] for f in fields(cls) if f.name in policy})
 
-    def record(self) -> dict:
-        """The fields that differ from the defaults, for the users file."""
-        default = UserPolicy()
-        return {k: v for k, v in asdict(self).items() if v != getattr(default, k)}
-
-    def public(self) -> dict:
-        return asdict(self)
+    def limits(self) -> Dict[str, int]:
+        """The limits that are set (not 0): what the users file holds under C{"policy"}."""
+        return {k: v for k, v in asdict(self).items() if v}
 
 
 class HubState:
@@ -263,19 +263,27 @@ class HubState:
         record = self.users(hub).get(user) if self.exists(hub) else None
         return isinstance(record, dict) and record.get("cascade") is True
 
-    def set_user(self, hub: str, user: str, password: Optional[bytes] = None, **changes) -> UserPolicy:
+    def set_user(
+        self, hub: str, user: str, password: Optional[bytes] = None, disabled: Optional[bool] = None, **limits: int
+    ) -> UserPolicy:
         """
-        Change a user's password and policy fields (L{UserPolicy}'s names,
-        e.g. C{disabled=True}, C{rate_in=10_000_000}); returns the policy.
+        Change a user's password, whether they are disabled, and limits
+        (L{UserPolicy}'s names, e.g. C{rate_in=10_000_000}; 0 for the
+        default); returns the user's policy.
         """
         record = self._record(hub, user)
         try:
-            policy = replace(UserPolicy.of(record), **changes)
+            policy = replace(UserPolicy.of(record), **limits)
         except (TypeError, ValueError) as e:
             raise StateError(str(e))
-        for name in UserPolicy.MAXIMA.keys() | {"disabled"}:
-            record.pop(name, None)
-        record.update(policy.record())
+        kept = {k: v for k, v in record.get("policy", {}).items() if k not in UserPolicy.MAXIMA}
+        record["policy"] = dict(kept, **policy.limits())
+        if not record["policy"]:
+            del record["policy"]
+        if disabled is not None:
+            record.pop("disabled", None)
+            if disabled:
+                record["disabled"] = True
         if password is not None:
             record["password"] = hash_password(password)
         users = dict(self.users(hub))
@@ -288,11 +296,6 @@ class HubState:
         users = dict(self.users(hub))
         del users[user]
         self._write(hub, users)
-
-    def policy(self, hub: str, user: str) -> UserPolicy:
-        """C{user}'s policy on C{hub} (the defaults for an unknown user)."""
-        record = self.users(hub).get(user) if self.exists(hub) else None
-        return UserPolicy.of(record) if record is not None else UserPolicy()
 
     def revoked(self, hub: str, user: str) -> Optional[str]:
         """
@@ -308,16 +311,16 @@ class HubState:
             return f"user {user} was disabled by the operator"
         return None
 
-    def policy(self, hub: str, user: str) -> dict:
+    def policy(self, hub: str, user: str) -> Dict[str, int]:
         """
-        The user's own limits (C{max_sessions}, C{max_macs}, ...), those
-        set in the users file; empty when none are, or no such user.
+        The user's own limits (C{max_sessions}, C{max_macs}, ... as in
+        L{UserPolicy}), those set in the users file; empty when none are,
+        or no such user.
         """
         if not self.exists(hub):
             return {}
         record = self.users(hub).get(user)
-        policy = record.get("policy") if isinstance(record, dict) else None
-        return {k: v for k, v in policy.items() if type(v) is int and v >= 0} if isinstance(policy, dict) else {}
+        return UserPolicy.of(record).limits() if record is not None else {}
 
     def authenticate(self, hub: str, user: str, password: bytes) -> Optional[str]:
         """
@@ -351,6 +354,8 @@ def _checked_users(path: str, data) -> Dict[str, dict]:
             raise damaged(f"{wire.quote(name)} is not a valid user name")
         if not isinstance(record, dict) or not isinstance(record.get("password"), str):
             raise damaged(f"user {name} has no password hash")
+        if not isinstance(record.get("disabled", False), bool):
+            raise damaged(f"user {name}: 'disabled' must be true or false")
         try:
             UserPolicy.of(record)
         except (TypeError, ValueError) as e:

@@ -223,7 +223,7 @@ class Mistakes(Case):
         cases = [
             (("--rate-in", "10X"), "argument --rate-in: '10X' is not a rate"),
             (("--rate-out", "2T"), "argument --rate-out: '2T' is more than 1 Tbit/s"),
-            (("--max-sessions", "-1"), "argument --max-sessions: give a whole number from 0 (no limit) to 4096"),
+            (("--max-sessions", "-1"), "argument --max-sessions: give a whole number from 0 (the default) to 4096"),
             (("--max-macs", "lots"), "argument --max-macs"),
             ((), "nothing to set"),
         ]
@@ -242,8 +242,8 @@ class Mistakes(Case):
         with open(os.path.join(self.hub, "hubs", "DEFAULT", "users.json")) as f:
             users = json.load(f)["users"]
         self.assertEqual({k: v for k, v in users["alice"].items() if k != "password"},
-                         {"rate_in": 10_000_000, "rate_out": 500_000, "max_sessions": 2, "max_macs": 4,
-                          "broadcast_pps": 100})
+                         {"policy": {"rate_in": 10_000_000, "rate_out": 500_000, "max_sessions": 2, "max_macs": 4,
+                                     "broadcast_pps": 100}})
         self.assertEqual(users["bob"]["disabled"], True)
         text = self.ok(sevpn("hub", "user", "list", "--state-dir", self.hub)).splitlines()
         self.assertEqual(text[0].split(), ["HUB", "USER", "STATE", "SESSIONS", "MACS", "RATE", "IN", "RATE", "OUT",

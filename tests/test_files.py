@@ -179,8 +179,11 @@ class Reading(SynchronousTestCase):
             (b"{not json", "is damaged ("),
             (json.dumps({"users": []}).encode(), "it holds no 'users' object"),
             (json.dumps({"users": {"alice": {}}}).encode(), "user alice has no password hash"),
-            (json.dumps({"users": {"alice": {"password": "x", "rate_in": "fast"}}}).encode(),
+            (json.dumps({"users": {"alice": {"password": "x", "policy": {"rate_in": "fast"}}}}).encode(),
              "rate_in must be a whole number"),
+            (json.dumps({"users": {"alice": {"password": "x", "policy": 5}}}).encode(), "'policy' must be an object"),
+            (json.dumps({"users": {"alice": {"password": "x", "disabled": "no"}}}).encode(),
+             "'disabled' must be true or false"),
             (json.dumps({"users": {"a b": {"password": "x"}}}).encode(), "is not a valid user name"),
         ]:
             with open(users, "wb") as f:

@@ -83,7 +83,7 @@ def user_add(args) -> None:
         print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}")
 
 
-#: The columns of C{sevpn hub user list}: the policy fields of L{UserPolicy}.
+#: The limits of L{UserPolicy}, as C{sevpn hub user list} shows them.
 POLICY_COLUMNS = ["max_sessions", "max_macs", "rate_in", "rate_out", "broadcast_pps"]
 
 
@@ -92,13 +92,15 @@ def user_list(args) -> None:
     hubs = [args.hub] if args.hub else state.hubs()
     rows = []
     for h in hubs:
-        for user in sorted(state.users(h)):
-            policy = state.policy(h, user).public()
-            row = {"hub": h, "user": user}
-            row.update(policy)
-            if not args.json:
-                row["disabled"] = "disabled" if policy["disabled"] else "enabled"
-                row.update({k: (v or None) for k, v in policy.items() if k in POLICY_COLUMNS})  # 0: no limit
+        for user, record in sorted(state.users(h).items()):
+            disabled = bool(record.get("disabled"))
+            limits = state.policy(h, user)
+            if args.json:
+                row = {"hub": h, "user": user, "disabled": disabled}
+                row.update({k: limits.get(k, 0) for k in POLICY_COLUMNS})  # 0: the hub's default
+            else:
+                row = {"hub": h, "user": user, "disabled": "disabled" if disabled else "enabled"}
+                row.update({k: limits.get(k) for k in POLICY_COLUMNS})  # shown as "-": the hub's default
             rows.append(row)
     if args.json:
         print_json(rows)
@@ -126,9 +128,9 @@ def user_set(args) -> None:
         raise CommandError("nothing to set: give --password-file, --max-sessions, --max-macs, --rate-in, "
                            "--rate-out or --broadcast-pps")
     policy = _state(args).set_user(args.hub, args.user, new_password, **changes)
-    shown = ", ".join(f"{k.replace('_', ' ')} {human(k, v) if v else 'no limit'}" for k, v in changes.items())
+    shown = ", ".join(f"{k.replace('_', ' ')} {human(k, v) if v else 'the default'}" for k, v in changes.items())
     done = f"user {args.user} on virtual hub {args.hub}: " + (shown or "password changed")
-    _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, policy=policy.public())
+    _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, policy=policy.limits())
 
 
 def _control(args, name: str, **kw):
@@ -199,7 +201,7 @@ def session_kick(args) -> None:
 def _count(option: str, most: int):
     def convert(text: str) -> int:
         if not text.isdigit() or int(text) > most:
-            raise argparse.ArgumentTypeError(f"give a whole number from 0 (no limit) to {most}, not {text!r}")
+            raise argparse.ArgumentTypeError(f"give a whole number from 0 (the default) to {most}, not {text!r}")
         return int(text)
 
     return convert
@@ -256,7 +258,7 @@ def register(roles) -> None:
     p = command(users, "enable", lambda a: user_enable(a, False), "let a disabled user log in again", state,
                 json_flag=True)
     _user_args(p)
-    p = command(users, "set", user_set, "change a user's password or policy (0: no limit)", state, json_flag=True)
+    p = command(users, "set", user_set, "change a user's password or limits (0: the hub's default, for rates no limit)", state, json_flag=True)
     _user_args(p)
     p.add_argument("--password-file", help="file whose first line is the new password ('-' for standard input)")
     p.add_argument("--max-sessions", type=_count("--max-sessions", UserPolicy.MAXIMA["max_sessions"]), metavar="N",
