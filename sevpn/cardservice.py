@@ -171,11 +171,11 @@ class CardService(Service):
         info["state_dir"] = os.path.abspath(self.state_dir)
         return info
 
-    def _connect(self, account: str, wait: bool = False, timeout: float = 30.0):
+    def _connect(self, account: str, wait: bool = False, within: float = 30.0):
         """
         The C{connect} control command: dial C{account}; with C{wait},
         answer once the card is connected, refused or disconnected, or
-        after C{timeout} seconds (then C{timed_out} is true and
+        after C{within} seconds (then C{timed_out} is true and
         C{last_error} says what went wrong so far).
         """
         try:
@@ -185,11 +185,11 @@ class CardService(Service):
         if not wait:
             return self._status()
         try:
-            timeout = min(max(float(timeout), 0.0), 3600.0)
+            within = min(max(float(within), 0.0), 3600.0)
         except (TypeError, ValueError):
-            raise control.ControlError("the timeout must be a number of seconds")
+            raise control.ControlError("the time to wait must be a number of seconds")
         d = self.card.when_settled()
-        d.addTimeout(timeout, reactor_or_global(self.reactor))
+        d.addTimeout(within, reactor_or_global(self.reactor))
 
         def answer(result):
             info = self._status()

@@ -37,7 +37,7 @@ def nic_connect(args) -> None:
         print_json(info) if args.json else print(f"connecting with account {args.name}; see 'sevpn nic status'")
         return
     timeout = 30.0 if args.timeout is None else args.timeout
-    info = _call(args, "connect", timeout=timeout + 10, account=args.name, wait=True)
+    info = _call(args, "connect", timeout=timeout + 10, account=args.name, wait=True, within=timeout)
     if args.json:
         print_json(info)
     state = info.get("state")
