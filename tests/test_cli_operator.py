@@ -395,6 +395,19 @@ class Startup(Case):
         status = self.start_hub(self.hub, expect_ok=True)
         self.assertEqual(status["virtual_hubs"], ["DEFAULT"])
 
+    def test_the_card_refuses_a_state_dir_others_may_write(self):
+        """Checked before its TAP is made (in a network namespace of its own, should it get that far)."""
+        if shutil.which("unshare") is None or os.geteuid() != 0:
+            raise SkipTest("needs root and unshare (util-linux) for a namespace of its own")
+        os.makedirs(os.path.join(self.nic, "accounts"), 0o700)
+        os.chmod(os.path.join(self.nic, "accounts"), 0o777)
+        r = subprocess.run(["unshare", "-n", os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-nic",
+                            "--state-dir", self.nic, "--tap", "op0"],
+                           capture_output=True, text=True, env=env(), timeout=30, cwd="/")
+        self.assertEqual(r.returncode, 1, r.stdout[-2000:])
+        self.assertIn(f"sevpn-nic: {self.nic}/accounts is writable by other users (mode 0777)", r.stdout + r.stderr)
+        self.assertNotIn("Traceback", r.stdout + r.stderr)
+
     def test_the_hub_says_why_it_cannot_create_its_state_dir(self):
         out = self.start_hub(os.path.join(self.pw, "hub"), expect_ok=False)
         self.assertIn(f"sevpn-hub: {self.pw} is a file, not a directory", out)

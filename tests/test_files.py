@@ -10,6 +10,7 @@ run as root; without root they are skipped).
 import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
 
@@ -167,6 +168,14 @@ class Reading(SynchronousTestCase):
 
     def test_a_fifo_does_not_block(self):
         os.mkfifo(self.file, 0o600)
+
+        def stuck(signum, frame):
+            raise AssertionError("reading a FIFO blocked")
+
+        old = signal.signal(signal.SIGALRM, stuck)
+        self.addCleanup(signal.signal, signal.SIGALRM, old)
+        signal.alarm(5)
+        self.addCleanup(signal.alarm, 0)
         with self.assertRaises(UnsafeState) as caught:
             read_private(self.file)
         self.assertIn("is not a regular file", str(caught.exception))
