@@ -282,7 +282,7 @@ class Mistakes(Case):
             resolve_state_dir(args)
             return args.state_dir
 
-        self.assertEqual(state_dir("nic", "status"), "/var/lib/sevpn/nic")
+        self.assertEqual(state_dir("nic", "status"), "/var/lib/sevpn/nic-sevpn0")
         self.assertEqual(state_dir("nic", "status", "--tap", "sevpn1"), "/var/lib/sevpn/nic-sevpn1")
         self.assertEqual(state_dir("account", "list", "-i", "office0"), "/var/lib/sevpn/nic-office0")
         self.assertEqual(state_dir("nic", "connect", "x", "-i", "a", "--state-dir", "/s"), "/s")

@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sevpn.units import format_duration, format_rate, format_size, parse_rate
+from sevpn.quantities import format_duration, format_rate, format_size, parse_rate
 
 
 class Units(SynchronousTestCase):

@@ -13,7 +13,7 @@ import sys
 from typing import Callable, List, Optional
 
 from sevpn import defaults
-from sevpn.units import format_duration, format_rate, format_size
+from sevpn.quantities import format_duration, format_rate, format_size
 from sevpn.users import read_password_file
 
 #: A network interface name as Linux takes it, matched whole.
@@ -37,14 +37,14 @@ def command(sub, name: str, func: Callable, help: str, state: str, json_flag: bo
     """
     Add command C{name} with its C{--state-dir} (and C{--json}) options.
     A card's commands (C{state} is L{defaults.CARD_STATE_DIR}) also take
-    C{--tap IF} / C{-i IF}: the state dir of the card on that TAP,
-    C{/var/lib/sevpn/nic-IF}; C{--state-dir} wins when both are given.
+    C{--tap IF} / C{-i IF}: the state dir of the card on that TAP
+    (L{defaults.card_state_dir}); C{--state-dir} wins when both are given.
     """
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--state-dir", default=None, help=f"state directory (default {state})")
     if state == defaults.CARD_STATE_DIR:
         p.add_argument("--tap", "-i", type=interface_name, metavar="IF",
-                       help=f"the card on TAP IF: state directory {defaults.CARD_STATE_DIR_OF % 'IF'}")
+                       help=f"the card on TAP IF: state directory {defaults.card_state_dir('IF')}")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=func, default_state_dir=state)
@@ -55,7 +55,7 @@ def resolve_state_dir(args: argparse.Namespace) -> None:
     """Fill in C{args.state_dir}: C{--state-dir}, else C{--tap}'s, else the command's default."""
     if getattr(args, "state_dir", "") is None:
         tap = getattr(args, "tap", None)
-        args.state_dir = defaults.CARD_STATE_DIR_OF % tap if tap else args.default_state_dir
+        args.state_dir = defaults.card_state_dir(tap) if tap else args.default_state_dir
 
 
 def print_json(obj) -> None:

@@ -11,7 +11,7 @@ from sevpn.cli.common import CommandError, command, fields, human, password, pri
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.files import StateDir
 from sevpn.pki import ca_info
-from sevpn.units import parse_rate
+from sevpn.quantities import parse_rate
 from sevpn.users import DEFAULT_HUB, HubState, UserPolicy
 
 

@@ -131,7 +131,7 @@ def nic_show(args) -> None:
     if args.state_dir is not None:
         dirs = [StateDir(args.state_dir).require().path]
     else:
-        if args.root != defaults.STATE_ROOT:
+        if args.root != defaults.CARD_STATE_ROOT:
             StateDir(args.root).require()
         dirs = card_state_dirs(args.root)
     cards = [describe_card(d) for d in dirs]
@@ -159,9 +159,10 @@ def register(roles) -> None:
     p.add_argument("--timeout", type=_timeout, metavar="S", help="with --wait: give up after S seconds (default 30)")
     command(nic, "disconnect", nic_disconnect, "unplug the cable (no retrying)", state, json_flag=True)
     p = nic.add_parser("show", help="every card on this machine", description=(
-        f"Every card on this machine: the cards whose state dirs are {defaults.CARD_STATE_DIR} and "
-        f"{defaults.CARD_STATE_DIR_OF % 'IF'} (or only --state-dir)."))
-    p.add_argument("--root", default=defaults.STATE_ROOT, help=f"where the state dirs are (default {defaults.STATE_ROOT})")
+        f"Every card on this machine: the cards whose state dirs are {defaults.card_state_dir('IF')} "
+        f"(and {defaults.CARD_STATE_ROOT}/nic, where older cards kept theirs), or only --state-dir."))
+    p.add_argument("--root", default=defaults.CARD_STATE_ROOT,
+                   help=f"where the state dirs are (default {defaults.CARD_STATE_ROOT})")
     p.add_argument("--state-dir", help="only the card with this state dir")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=nic_show, default_state_dir=None)
