@@ -14,8 +14,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
-from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -67,9 +66,6 @@ class HubSession(Session):
         self.ended = False
         #: Another hub's cascade (a whole LAN behind this session), not a card.
         self.cascade = False
-
-    #: The user's own limits as last applied (L{Hub.apply_policy}; L{HubState.policy}).
-    policy: Mapping[str, int] = MappingProxyType({})
 
     def __repr__(self) -> str:
         return f"<HubSession {self.id} {self.user}@{self.vhub.name}>"
@@ -413,10 +409,12 @@ class Hub:
         """
         The operator changed the users files: end the sessions of users who
         were deleted or disabled and of deleted virtual hubs (each with a
-        goodbye saying why), and apply the others' current policy.
+        goodbye saying why), then apply the others' current policy
+        (L{policies_changed}).
 
-        @return: the ended sessions with the reason, and the errors (a
-            damaged users file leaves its virtual hub's sessions as they are).
+        @return: the ended sessions with the reason, and the errors: a
+            damaged users file leaves its virtual hub's sessions as they
+            are, and the policies as they were until it is fixed.
         """
         ended: List[Tuple[HubSession, str]] = []
         errors: Dict[str, str] = {}
@@ -426,7 +424,6 @@ class Hub:
                 continue
             try:
                 why = self.state.revoked(hub, session.user)
-                policy = {} if why else self.state.policy(hub, session.user)
             except StateError as e:
                 errors[hub] = str(e)
                 self.log.error("cannot apply the users of virtual hub {hub}: {why}", hub=hub, why=str(e))
@@ -434,17 +431,9 @@ class Hub:
             if why:
                 self.end_with_goodbye(session, why)
                 ended.append((session, why))
-            else:
-                self.apply_policy(session, policy)
+        if not errors:
+            self.policies_changed()
         return ended, list(errors.values())
-
-    def apply_policy(self, session: HubSession, policy: Mapping[str, int]) -> None:
-        """
-        Give a live session its user's current limits (L{HubState.policy});
-        its MAC limit holds for the MACs it learns next.
-        """
-        session.policy = MappingProxyType(dict(policy))
-        session.port.max_macs = policy.get("max_macs") or 0
 
     def _conflict(self, vhub: VirtualHub, conflict: Conflict) -> None:
         self.log.warn(

@@ -108,7 +108,8 @@ class UsersChanged(SynchronousTestCase, Logged):
         self.lab.state.set_user("DEFAULT", "u1", max_macs=1, rate_in=10_000_000)
         self.assertEqual(self.hub.users_changed(), ([], []))
         session = self.hub.sessions[self.sessions()["u1"]]
-        self.assertEqual(dict(session.policy), {"max_macs": 1, "rate_in": 10_000_000})
+        self.assertEqual(session.port.max_macs, 1)
+        self.assertIsNotNone(session.port.in_limit)  # the rate the card may send at
         # the MAC limit holds for what the session sends next: a second source MAC is not let in
         self.a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"one"), frame(BROADCAST, mac(9), b"two")])
         self.lab.network.pump()

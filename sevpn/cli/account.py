@@ -14,7 +14,8 @@ from sevpn.users import DEFAULT_HUB
 
 
 def account_add(args) -> None:
-    parse_hub_address(args.hub)  # a typo in the address is said before anything else
+    for address in args.hub:
+        parse_hub_address(address)  # a typo in an address is said before anything else
     ca_file = os.path.abspath(args.ca_file)
     pinned = fingerprint(load_ca_file(ca_file))
     account = Account(
