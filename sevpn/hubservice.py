@@ -133,6 +133,8 @@ class HubService(Service):
             StateDir(self.state_dir).create().check(os.geteuid())
             state = HubState(self.state_dir)
             state.ensure_default()
+            for name in state.hubs():
+                state.users(name)  # a damaged users file is said now, not at the first login
             cert, key = ensure_pki(self.state_dir, self.hostnames)
             self.hub = Hub(
                 state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit,

@@ -379,6 +379,14 @@ class Startup(Case):
         out = self.start_hub(self.hub, expect_ok=False)
         self.assertIn(f"{users} belongs to nobody, not to root who owns the state dir", out)
 
+    def test_the_hub_says_its_users_file_is_damaged(self):
+        self.add_user()
+        users = os.path.join(self.hub, "hubs", "DEFAULT", "users.json")
+        with open(users, "w") as f:
+            f.write("{")
+        out = self.start_hub(self.hub, expect_ok=False)
+        self.assertIn(f"sevpn-hub: the users file {users} is damaged", out)
+
     def test_the_hub_refuses_a_state_dir_of_another_user(self):
         if os.geteuid() != 0:
             raise SkipTest("needs root")
