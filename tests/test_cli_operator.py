@@ -287,8 +287,8 @@ class Mistakes(Case):
         self.assertEqual(state_dir("account", "list", "-i", "office0"), "/var/lib/sevpn/nic-office0")
         self.assertEqual(state_dir("nic", "connect", "x", "-i", "a", "--state-dir", "/s"), "/s")
         self.assertEqual(state_dir("hub", "list"), "/var/lib/sevpn/hub")
-        self.fails(sevpn("nic", "status", "--tap", "../etc"), "'../etc' is not a network interface name")
-        self.fails(sevpn("nic", "status", "--tap", "sevpn0\n"), "is not a network interface name")
+        self.fails(sevpn("nic", "status", "--tap", "../etc"), "TAP name '../etc' may not contain")
+        self.fails(sevpn("nic", "status", "--tap", "sevpn0\n"), "may not contain '/', ':' or white space")
 
     def test_usage_errors_exit_1(self):
         self.fails(sevpn("hub", "frobnicate"), "invalid choice")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Callable, List, Optional
 
@@ -16,21 +15,18 @@ from sevpn import defaults
 from sevpn.quantities import format_duration, format_rate, format_size
 from sevpn.users import read_password_file
 
-#: A network interface name as Linux takes it, matched whole.
-_INTERFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
-
-
 class CommandError(Exception):
     """A command cannot be done; the message is the sentence the user sees."""
 
 
 def interface_name(text: str) -> str:
-    """An argparse type: a TAP device name."""
-    if not _INTERFACE.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a network interface name (letters, digits, '.', '_' and '-', up to 15 characters)"
-        )
-    return text
+    """An argparse type: a TAP device name, as Linux takes it (L{sevpn.fabric.check_ifname})."""
+    from sevpn.fabric import FabricError, check_ifname
+
+    try:
+        return check_ifname(text, "TAP name")
+    except FabricError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def command(sub, name: str, func: Callable, help: str, state: str, json_flag: bool = False) -> argparse.ArgumentParser:
@@ -55,7 +51,7 @@ def resolve_state_dir(args: argparse.Namespace) -> None:
     """Fill in C{args.state_dir}: C{--state-dir}, else C{--tap}'s, else the command's default."""
     if getattr(args, "state_dir", "") is None:
         tap = getattr(args, "tap", None)
-        args.state_dir = defaults.card_state_dir(tap) if tap else args.default_state_dir
+        args.state_dir = defaults.card_state_dir(tap) if tap else getattr(args, "default_state_dir", None)
 
 
 def print_json(obj) -> None:

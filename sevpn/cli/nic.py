@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import List
 
 from sevpn import control, defaults
@@ -72,18 +71,26 @@ def nic_disconnect(args) -> None:
 
 # sevpn nic show ----------------------------------------------------------------
 
-#: A card state dir's name under the state root: C{nic}, or C{nic-IF}, matched whole.
-_CARD_DIR = re.compile(r"nic(?:-([A-Za-z0-9][A-Za-z0-9_.-]{0,14}))?")
+def _card_dir_name(name: str) -> bool:
+    """Whether C{name} is a card's state dir name: C{nic-IF} for a TAP name IF (matched whole), or the older C{nic}."""
+    from sevpn.fabric import FabricError, check_ifname
+
+    if name == "nic":
+        return True
+    try:
+        return name.startswith("nic-") and check_ifname(name[4:]) == name[4:]
+    except FabricError:
+        return False
 
 
 def card_state_dirs(root: str) -> List[str]:
-    """The card state dirs under C{root}: C{nic} and C{nic-IF}, sorted."""
+    """The card state dirs under C{root}, sorted."""
     try:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
     return sorted(
-        os.path.join(root, n) for n in names if _CARD_DIR.fullmatch(n) and os.path.isdir(os.path.join(root, n))
+        os.path.join(root, n) for n in names if _card_dir_name(n) and os.path.isdir(os.path.join(root, n))
     )
 
 
