@@ -287,8 +287,7 @@ class Hub:
         for session in self.sessions.values():
             policy = self.state.policy(session.vhub.name, session.user)
             self._apply_policy(session, policy)
-            if policy.get("max_macs"):
-                session.port.max_macs = policy["max_macs"]
+            session.port.max_macs = policy.get("max_macs") or (session.vhub.max_entries if session.cascade else 0)
 
     def _resumable(self, resume: wire.Resume, user: str, hub_name: str) -> Optional[HubSession]:
         session = self.sessions.get(resume.session)
