@@ -97,6 +97,10 @@ class Port:
     L{pause_input}/L{resume_input}.
     """
 
+    #: Whether a MAC learned here moves to any other port that sends from
+    #: it, without a conflict (the fabric port: its stations live elsewhere).
+    yields_macs = False
+
     def __init__(
         self,
         name: str,

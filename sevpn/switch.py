@@ -42,6 +42,16 @@ a port may be I{blocked} (L{VirtualHub.block}): it takes part in nothing
 but control frames, its MACs are forgotten, and data from it is dropped
 and counted (C{blocked_drops}).
 
+Two hooks for whoever mirrors the table elsewhere (the fabric's FDB
+reflection, L{sevpn.fabricport}): C{on_learn(mac, port)} when a MAC is
+learned on a port, C{on_forget(mac, port)} when a port loses it (aged
+out, the port removed or blocked); a MAC that moves is forgotten on its
+old port, then learned on the new one.  They run only when the table
+changes, never for a frame that refreshes an entry.  And a port whose
+C{yields_macs} is true (the fabric port: its MACs live on other nodes)
+gives up a MAC to any port that sends from it, without a conflict: the
+station has moved here.
+
 Frames are switched in two steps: L{VirtualHub.forward} (per message) puts
 each frame in its destinations' outboxes, L{VirtualHub.flush} (once per read
 from the source) hands each destination its frames in one call.
@@ -137,6 +147,9 @@ class VirtualHub:
         self.blocked: Set[IPort] = set()
         self.control_frames = 0
         self.blocked_drops = 0
+        #: C{on_learn(mac, port)} / C{on_forget(mac, port)}: the table changed.
+        self.on_learn: Optional[Callable[[bytes, IPort], None]] = None
+        self.on_forget: Optional[Callable[[bytes, IPort], None]] = None
 
     # ports -----------------------------------------------------------------
 
@@ -154,11 +167,16 @@ class VirtualHub:
 
     def _forget_port(self, port: IPort) -> None:
         self._outbox.pop(port, None)
+        forgotten = []
         for mac in list(port.macs):
             entry = self.table.get(mac)
             if entry is not None and entry.port is port:
                 del self.table[mac]
+                forgotten.append(mac)
         port.macs.clear()
+        if self.on_forget is not None:
+            for mac in forgotten:
+                self.on_forget(mac, port)
         for mac in [m for m, c in self.conflicts.items() if port in c.ports]:
             del self.conflicts[mac]
 
@@ -293,9 +311,11 @@ class VirtualHub:
                 return True
             self.table[mac] = MacEntry(port, now)
             port.macs.add(mac)
+            if self.on_learn is not None:
+                self.on_learn(mac, port)
             return True
         old = entry.port
-        if now - entry.seen <= self.max_age and old in self.ports:
+        if now - entry.seen <= self.max_age and old in self.ports and not getattr(old, "yields_macs", False):
             self._conflict(mac, {old, port}, now)
             if not self.allow_moves:
                 self.mac_conflicts += 1
@@ -307,11 +327,17 @@ class VirtualHub:
         port.macs.add(mac)
         entry.port = port
         entry.learned = entry.seen = now
+        if self.on_forget is not None:
+            self.on_forget(mac, old)
+        if self.on_learn is not None:
+            self.on_learn(mac, port)
         return True
 
     def _forget(self, mac: bytes, entry: MacEntry) -> None:
         del self.table[mac]
         entry.port.macs.discard(mac)
+        if self.on_forget is not None:
+            self.on_forget(mac, entry.port)
 
     def _conflict(self, mac: bytes, ports: Set[IPort], now: float) -> None:
         conflict = self.conflicts.get(mac)

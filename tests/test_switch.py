@@ -231,3 +231,80 @@ class Isolation(SwitchCase):
         self.assertEqual(x.got, [])
         self.assertEqual(len(self.b.got), 2)
         self.assertIsNone(two.lookup(mac(1)))
+
+
+class TableHooks(SwitchCase):
+    """on_learn / on_forget: the table's changes, for whoever mirrors it (the fabric's FDB reflection)."""
+
+    def setUp(self):
+        super().setUp()
+        self.events = []
+        self.hub.on_learn = lambda m, port: self.events.append(("learn", m, port.name))
+        self.hub.on_forget = lambda m, port: self.events.append(("forget", m, port.name))
+
+    def test_a_new_mac_once_not_every_frame(self):
+        self.send(self.a, [frame(BROADCAST, mac(1)), frame(BROADCAST, mac(1))])
+        self.send(self.a, [frame(mac(2), mac(1))])
+        self.assertTrue(self.hub.claim(mac(1), self.a))
+        self.assertEqual(self.events, [("learn", mac(1), "a")])
+
+    def test_a_move_is_forget_then_learn(self):
+        self.send(self.b, [frame(BROADCAST, mac(2))])
+        self.clock.advance(301)  # b went silent: the MAC may move
+        self.send(self.a, [frame(BROADCAST, mac(2))])
+        self.assertEqual(self.events, [("learn", mac(2), "b"), ("forget", mac(2), "b"), ("learn", mac(2), "a")])
+
+    def test_a_refused_move_changes_nothing(self):
+        self.send(self.b, [frame(BROADCAST, mac(2))])
+        self.send(self.a, [frame(BROADCAST, mac(2))])  # a conflict: dropped
+        self.assertEqual(self.events, [("learn", mac(2), "b")])
+
+    def test_aged_out_by_the_sweep_and_by_a_lookup(self):
+        self.send(self.a, [frame(BROADCAST, mac(1))])
+        self.send(self.b, [frame(BROADCAST, mac(2))])
+        self.clock.advance(301)
+        self.send(self.c, [frame(mac(1), mac(3))])  # finds a's entry too old
+        self.assertEqual(self.hub.expire(), 1)  # b's
+        self.assertEqual(self.events[-3:], [("learn", mac(3), "c"), ("forget", mac(1), "a"), ("forget", mac(2), "b")])
+
+    def test_a_removed_or_blocked_port_forgets_its_macs(self):
+        self.send(self.a, [frame(BROADCAST, mac(1)), frame(BROADCAST, mac(11))])
+        self.send(self.b, [frame(BROADCAST, mac(2))])
+        del self.events[:]
+        self.hub.remove_port(self.a)
+        self.hub.block(self.b)
+        self.assertEqual(sorted(self.events[:2]), [("forget", mac(1), "a"), ("forget", mac(11), "a")])
+        self.assertEqual(self.events[2:], [("forget", mac(2), "b")])
+
+    def test_a_full_table_learns_nothing_and_says_nothing(self):
+        hub = self.make("small", max_entries=1)
+        hub.on_learn = self.hub.on_learn
+        hub.add_port(self.a)
+        self.send(self.a, [frame(BROADCAST, mac(1)), frame(BROADCAST, mac(2))], hub)
+        self.assertEqual(self.events, [("learn", mac(1), "a")])
+
+
+class YieldingPort(SwitchCase):
+    """A fabric port's MACs belong to stations elsewhere: one that shows up here moves here."""
+
+    def setUp(self):
+        super().setUp()
+        self.fabric = Recorder("fabric", self.clock, max_macs=100)
+        self.fabric.yields_macs = True
+        self.hub.add_port(self.fabric)
+
+    def test_a_station_that_moves_here_takes_its_mac(self):
+        self.send(self.fabric, [frame(BROADCAST, mac(5), b"from another node")])
+        self.assertTrue(self.hub.claim(mac(5), self.a))  # its card joined this hub
+        self.assertIs(self.hub.lookup(mac(5)), self.a)
+        self.assertEqual((self.fabric.macs, self.hub.mac_conflicts, self.hub.conflicts), (set(), 0, {}))
+        self.send(self.b, [frame(mac(5), mac(2), b"to 5")])
+        self.assertEqual(self.a.got[-1], frame(mac(5), mac(2), b"to 5"))
+        self.assertNotIn(frame(mac(5), mac(2), b"to 5"), self.fabric.got)
+
+    def test_it_cannot_take_a_live_local_mac(self):
+        self.send(self.a, [frame(BROADCAST, mac(1), b"the card")])
+        self.send(self.fabric, [frame(BROADCAST, mac(1), b"a copy elsewhere")])
+        self.assertIs(self.hub.lookup(mac(1)), self.a)
+        self.assertEqual(self.hub.mac_conflicts, 1)
+        self.assertNotIn(frame(BROADCAST, mac(1), b"a copy elsewhere"), self.b.got)
