@@ -102,11 +102,14 @@ class FabricTopology:
     route reflectors (none: a full mesh).
     """
 
+    #: The first letters of every namespace and device name.
+    prefix = "fb"
+
     def __init__(self, count: int = 3, reflectors=(), frr: bool = True) -> None:
         reason = skip_reason(need_frr=frr)
         if reason:
             raise SkipTest(reason)
-        self.tag = f"fb{os.getpid() % 10000}{int(time.time() * 1000) % 100}"
+        self.tag = f"{self.prefix}{os.getpid() % 10000}{int(time.time() * 1000) % 100}"
         self.x = 100 + os.getpid() % 100
         self.dir = tempfile.mkdtemp(prefix="sevpn-fabric-")
         self.namespaces: List[str] = []

@@ -266,6 +266,8 @@ class Link:
     learning: Optional[bool] = None
     #: Whether the bridge learns source MACs on this port (None: not a bridge port).
     port_learning: Optional[bool] = None
+    #: How the kernel makes the device's IPv6 link-local address ("eui64", "none"; None: not said).
+    addrgenmode: Optional[str] = None
 
 
 def parse_links(text: str) -> Dict[str, Link]:
@@ -287,6 +289,7 @@ def parse_links(text: str) -> Dict[str, Link]:
             vni=data.get("id") if info.get("info_kind") == "vxlan" else None,
             local=data.get("local"), port=data.get("port"), learning=data.get("learning"),
             port_learning=slave.get("learning") if info.get("info_slave_kind") == "bridge" else None,
+            addrgenmode=e.get("inet6_addr_gen_mode"),
         )
     return links
 
@@ -339,10 +342,16 @@ def plan_up(node: FabricNode, seg: Segment, links: Mapping[str, Link]) -> Plan:
     if vxlan is None:
         run(["ip", "link", "add", seg.vxlan, "mtu", str(seg.mtu), "type", "vxlan", "id", str(seg.vni),
              "local", node.vtep, "dstport", str(VXLAN_PORT), "nolearning"])
+        # Nor is the VXLAN device a host on the segment: without this its
+        # IPv6 router solicitations and MLD reports would reach every card.
+        run(["ip", "link", "set", seg.vxlan, "addrgenmode", "none"])
     else:
         _check_vxlan(vxlan, node, seg)
         if vxlan.mtu != seg.mtu:
             run(["ip", "link", "set", seg.vxlan, "mtu", str(seg.mtu)])
+        if vxlan.addrgenmode not in (None, "none"):
+            run(["ip", "link", "set", seg.vxlan, "addrgenmode", "none"])
+            run(["ip", "-6", "addr", "flush", "dev", seg.vxlan])
     if vxlan is None or vxlan.master != seg.bridge:
         run(["ip", "link", "set", seg.vxlan, "master", seg.bridge])
     if vxlan is None or vxlan.master != seg.bridge or vxlan.port_learning is not False:
@@ -355,17 +364,77 @@ def plan_up(node: FabricNode, seg: Segment, links: Mapping[str, Link]) -> Plan:
 
 
 def plan_attach(seg: Segment, port: str, links: Mapping[str, Link]) -> Plan:
-    """Commands that make C{port} (a hub worker's TAP, or a test's veth) a port of C{seg}'s bridge, up."""
+    """
+    Commands that make C{port} (a hub worker's TAP, or a test's veth) a
+    port of C{seg}'s bridge, up, with the segment's MTU (a larger one
+    would let through frames the VXLAN device drops) and without an IPv6
+    link-local address of its own (the node is the segment's switch, not
+    a host on it: no router solicitations or MLD reports into the tenants'
+    LAN).
+    """
     check_ifname(port, "port name")
     plan = Plan()
     link = links.get(port)
     if link is None:
         raise FabricError(f"there is no device {port} to attach to {seg.bridge}")
+    if link.mtu != seg.mtu:
+        plan.commands.append(["ip", "link", "set", port, "mtu", str(seg.mtu)])
+    if link.addrgenmode not in (None, "none"):
+        plan.commands.append(["ip", "link", "set", port, "addrgenmode", "none"])
     if link.master != seg.bridge:
         plan.commands.append(["ip", "link", "set", port, "master", seg.bridge])
     if not link.up:
         plan.commands.append(["ip", "link", "set", port, "up"])
     return plan
+
+
+def segment_on_node(hub: str, vni: int, links: Mapping[str, Link]) -> Tuple[Segment, str]:
+    """
+    What a hub finds for C{--fabric HUB=VNI}: the segment (its MTU is the
+    VXLAN device's) and the node's VTEP (the device's local address).
+    The bridge and the VXLAN device are C{sevpn fabric up}'s to make; when
+    they are missing or not right the error says to run it.
+    """
+    seg = Segment(hub, vni)
+    up = f"run 'sevpn fabric up --vtep ADDRESS --fabric {hub}={vni}' first (as root; docs/fabric.md)"
+    bridge, vxlan = links.get(seg.bridge), links.get(seg.vxlan)
+    if bridge is None:
+        raise FabricError(f"--fabric {hub}={vni}: there is no bridge {seg.bridge} on this node: {up}")
+    if bridge.kind != "bridge":
+        raise FabricError(f"--fabric {hub}={vni}: {seg.bridge} is a {bridge.kind or 'plain'} device, not a bridge")
+    if vxlan is None or vxlan.kind != "vxlan" or vxlan.master != seg.bridge:
+        raise FabricError(f"--fabric {hub}={vni}: bridge {seg.bridge} has no VXLAN device {seg.vxlan} in it: {up}")
+    if vxlan.vni != vni:
+        raise FabricError(f"--fabric {hub}={vni}: {seg.vxlan} carries VNI {vxlan.vni}, not {vni}: {up}")
+    if not (bridge.up and vxlan.up):
+        raise FabricError(f"--fabric {hub}={vni}: {seg.bridge} or {seg.vxlan} is down: {up}")
+    if not vxlan.local:
+        raise FabricError(f"--fabric {hub}={vni}: {seg.vxlan} has no local address (VTEP): {up}")
+    return Segment(hub, vni, mtu=vxlan.mtu or seg.mtu), vxlan.local
+
+
+def check_underlay(vtep: str, seg: Segment, addresses_json: str) -> List[str]:
+    """
+    Whether C{vtep} is an address of this machine (C{ip -j addr show}),
+    else a L{FabricError}; warnings, as sentences, if its interface's MTU
+    leaves less than the segment's MTU + L{VXLAN_OVERHEAD}.
+    """
+    try:
+        entries = json.loads(addresses_json or "[]")
+    except ValueError:
+        raise FabricError("'ip -j addr show' printed something that is not JSON (is iproute2 too old?)")
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict):
+            continue
+        for a in e.get("addr_info") or ():
+            if isinstance(a, dict) and a.get("local") == vtep:
+                mtu = e.get("mtu") or 0
+                if mtu and mtu < seg.mtu + VXLAN_OVERHEAD:
+                    return [f"{e.get('ifname')}, which carries the VTEP {vtep}, has MTU {mtu}: VXLAN needs "
+                            f"{seg.mtu + VXLAN_OVERHEAD} for VNI {seg.vni}'s {seg.mtu}-byte frames; raise it, or "
+                            f"give the segment --mtu {mtu - VXLAN_OVERHEAD} (and the cards the same)"]
+                return []
+    raise FabricError(f"--vtep {vtep} is not an address of this machine: give one its underlay interface carries")
 
 
 def plan_down(node: FabricNode, seg: Segment, links: Mapping[str, Link]) -> Plan:
@@ -512,6 +581,28 @@ def parse_bgp_summary(text: str) -> Dict[str, BgpPeer]:
     return result
 
 
+def parse_bgp_neighbors(text: str) -> Tuple[str, Dict[str, bool]]:
+    """
+    C{show bgp neighbors json}: the name this node's bgpd gives itself
+    (its advertised host name, "" if none) and its configured neighbours,
+    each with whether it is a route-reflector client for EVPN.
+    """
+    data = _json(text, "'show bgp neighbors json'")
+    name = ""
+    neighbours: Dict[str, bool] = {}
+    for address, n in data.items() if isinstance(data, dict) else ():
+        if not isinstance(n, dict):
+            continue
+        try:
+            address = check_address(address)
+        except FabricError:
+            continue  # an interface neighbour or an IPv6 one: not a VTEP this fabric uses
+        evpn = (n.get("addressFamilyInfo") or {}).get("l2VpnEvpn") or {}
+        neighbours[address] = bool(evpn.get("routeReflectorClient"))
+        name = name or str(((n.get("neighborCapabilities") or {}).get("hostName") or {}).get("advHostName") or "")
+    return name, neighbours
+
+
 @dataclass(frozen=True)
 class VxlanFdb:
     """The data plane: a VXLAN device's own FDB (C{bridge -j fdb show}, entries with C{dst})."""
@@ -617,6 +708,12 @@ def format_status(view: dict) -> str:
         out.append(f"VNI {seg['vni']} (virtual hub {seg['hub']}): bridge {seg['bridge']}, {seg['vxlan']} "
                    f"from {seg['vtep']}, {seg['local_macs']} local MACs"
                    + ("" if seg["in_frr"] else ", NOT KNOWN TO FRR"))
+        w = seg.get("hub_worker")
+        if w:
+            r = w["reflection"]
+            out.append(f"  hub worker {w['worker']}: TAP {w['tap']} (MTU {w['mtu']}), {w['local_macs']} local MACs, "
+                       f"{r['entries']} reflected into the bridge ({r['failed']} failed, {r['dropped']} dropped), "
+                       f"{w['remote_macs']} remote MACs seen on the fabric port")
         rows = [["REMOTE VTEP", "EVPN MACS", "KERNEL FDB", "FLOOD"]]
         for r in seg["remote_vteps"]:
             rows.append([r["vtep"], str(r["macs"]), str(r["fdb"]), "yes" if r["flood"] else "NO"])

@@ -28,17 +28,22 @@ What an instance needs, found on Debian's FRR 8.4:
 from __future__ import annotations
 
 import grp
+import ipaddress
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from typing import Callable, List, Optional, Sequence
 
-from sevpn.fabric import FabricError, FabricNode, Runner, describe, frr_conf, zebra_conf
+from sevpn.fabric import (
+    FabricError, FabricNode, Runner, Segment, describe, frr_conf, parse_bgp_neighbors, zebra_conf,
+)
 
 FRR_SBIN = "/usr/lib/frr"
 RUN_DIR = "/var/run/frr"
@@ -132,8 +137,35 @@ def node_status(node: FabricNode, vtysh: Callable[[str], str], run: Runner) -> d
             answers.append("")
             failures.append(str(e))
     view = describe(node, *answers, run(["bridge", "-j", "fdb", "show"]))
-    view["problems"][:0] = failures
+    if failures:
+        if not answers[0]:  # zebra did not answer: that it "does not know" a VNI says nothing
+            view["problems"] = [p for p in view["problems"] if not p.startswith("FRR does not know")]
+        reasons = {f.rsplit(": ", 1)[-1] for f in failures}
+        if len(failures) == len(STATUS_QUERIES) and len(reasons) == 1:
+            failures = [f"FRR does not answer (vtysh: {reasons.pop()}): is it running, with bgpd?"]
+        view["problems"][:0] = failures
     return view
+
+
+def node_name(name: Optional[str] = None) -> str:
+    """C{name}, or this machine's host name (FRR's default), as a fabric node name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name or socket.gethostname()).lstrip("._-")[:63] or "node"
+
+
+def discover_node(segments: Sequence[Segment], vtep: str, vtysh: Callable[[str], str]) -> FabricNode:
+    """
+    This node as FRR runs it: its name and BGP neighbours (and which are
+    route-reflector clients) from C{show bgp neighbors json}, with the
+    given segments and VTEP.  When bgpd does not answer the node has no
+    neighbours; L{node_status} then says why.
+    """
+    try:
+        name, neighbours = parse_bgp_neighbors(vtysh("show bgp neighbors json"))
+    except (FrrError, FabricError):
+        name, neighbours = "", {}
+    name = node_name(name)
+    peers = tuple(sorted((a for a in neighbours if a != vtep), key=ipaddress.IPv4Address))
+    return FabricNode(name, vtep, tuple(segments), peers, tuple(a for a in peers if neighbours[a]))
 
 
 def _alive(pid: int) -> bool:
@@ -251,6 +283,16 @@ class FrrInstance:
     def status(self, run: Runner) -> dict:
         """The node's L{sevpn.fabric.describe} view (C{run} runs C{bridge} in the node's namespace)."""
         return node_status(self.node, self.vtysh, run)
+
+    def kill(self) -> None:
+        """SIGKILL every daemon at once, as when the node dies; L{stop} cleans up afterwards."""
+        for daemon in DAEMONS:
+            pid = self._pid(daemon)
+            if pid is not None and _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def stop(self, timeout: float = 10) -> None:
         """Stop bgpd, then zebra (SIGTERM, SIGKILL after C{timeout}); remove the instance's files."""

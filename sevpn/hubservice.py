@@ -22,6 +22,8 @@ from sevpn import __version__, busypoll, control, defaults, web, wire
 from sevpn.cardservice import tls_endpoint_for
 from sevpn.cascade import CascadeManager
 from sevpn.bridge import BridgeError, attach_bridges, describe_bridges, detach_bridges
+from sevpn.fabric import FabricError
+from sevpn.fabricport import attach_fabric, describe_fabric, detach_fabric
 from sevpn.files import StateDir, os_error
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
@@ -95,6 +97,8 @@ class HubService(Service):
         bridges: Sequence[Tuple[str, str]] = (),
         bridge_taps: Sequence[Tuple[str, str]] = (),
         bridge_force: bool = False,
+        fabric: Sequence[Tuple[str, int]] = (),
+        worker: int = 0,
     ) -> None:
         self.busy_poll = busy_poll
         """
@@ -124,6 +128,10 @@ class HubService(Service):
         self.bridge_taps = list(bridge_taps)
         self.bridge_force = bridge_force
         self.bridge_ports = []
+        #: Virtual hubs in the node's fabric: (virtual hub, VNI); this process's worker number.
+        self.fabric = list(fabric)
+        self.worker = worker
+        self.fabric_members = []
 
     def startService(self) -> None:
         reactor = reactor_or_global(self.reactor)
@@ -153,6 +161,7 @@ class HubService(Service):
                     raise StateError(f"cannot listen on {description}: {why}")
                 self.ports.append(result[0])
             self._attach_bridges(state, reactor)
+            self._attach_fabric(state, reactor)
             self.control_port = control.listen(
                 reactor,
                 self.state_dir,
@@ -164,13 +173,14 @@ class HubService(Service):
                     "cascade-reload": self.cascades.reload,
                     "users-changed": self.users_changed,
                     "kick": self.kick,
+                    "fabric": self.fabric_status,
                 },
             )
             if self.metrics:
                 read = partial(read_hub, self.hub, self.links)
                 self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
             self.cascades.reload()
-        except (StateError, BridgeError, control.ControlError, OSError, ValueError) as e:
+        except (StateError, BridgeError, FabricError, control.ControlError, OSError, ValueError) as e:
             self._close()
             if self.hub is not None:
                 self.hub.shutdown()  # its sweep timer must not outlive a failed start
@@ -213,6 +223,17 @@ class HubService(Service):
             self.hub.vhub, reactor, self.bridges, self.bridge_taps, [h for h in listening if h], self.bridge_force,
         )
 
+    def _attach_fabric(self, state: HubState, reactor) -> None:
+        for hub_name, vni in self.fabric:
+            if not state.exists(hub_name):
+                raise FabricError(f"--fabric {hub_name}={vni}: there is no virtual hub named {hub_name} "
+                                  f"(create it with 'sevpn hub create {hub_name}')")
+        self.fabric_members = attach_fabric(self.hub.vhub, reactor, self.fabric, self.worker)
+
+    def fabric_status(self) -> dict:
+        """C{sevpn hub fabric}: this worker's part of the node's fabric."""
+        return {"worker": self.worker, "segments": describe_fabric(self.fabric_members)}
+
     def status(self) -> dict:
         hub = self.hub
         return {
@@ -234,6 +255,8 @@ class HubService(Service):
         """Stop listening; return Deferreds that fire when the ports are closed."""
         detach_bridges(self.bridge_ports)
         self.bridge_ports = []
+        detach_fabric(self.fabric_members)
+        self.fabric_members = []
         ports = self.ports + [p for p in (self.control_port, self.metrics_port) if p is not None]
         self.ports, self.control_port, self.metrics_port = [], None, None
         return [maybeDeferred(port.stopListening) for port in ports]

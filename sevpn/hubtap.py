@@ -84,6 +84,7 @@ class Options(CommonOptions):
         self["hostname"] = []
         self["bridge"] = []
         self["bridge-tap"] = []
+        self["fabric"] = []
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -121,6 +122,21 @@ class Options(CommonOptions):
         return pair
 
 
+    # the node's fabric -------------------------------------------------------
+
+    def opt_fabric(self, text: str) -> None:
+        """HUB=VNI: put virtual hub HUB into the node's fabric as VXLAN VNI (repeatable; 'sevpn fabric up' first)."""
+        from sevpn.fabric import FabricError, parse_fabric_option
+
+        try:
+            hub, vni = parse_fabric_option(text)
+        except FabricError as e:
+            raise usage.UsageError(str(e))
+        if any(hub == h or vni == v for h, v in self["fabric"]):
+            raise usage.UsageError(f"--fabric {text}: virtual hub {hub} or VNI {vni} is in the fabric twice")
+        self["fabric"].append((hub, vni))
+
+
 def makeService(config: Options) -> IService:
     from sevpn.hubservice import HubService
 
@@ -144,4 +160,5 @@ def makeService(config: Options) -> IService:
         bridges=config["bridge"],
         bridge_taps=config["bridge-tap"],
         bridge_force=config["bridge-force"],
+        fabric=config["fabric"],
     )

@@ -214,6 +214,7 @@ class PlanTests(TestCase):
             ["ip", "link", "set", "br-100", "addrgenmode", "none"],
             ["ip", "link", "add", "vx-100", "mtu", "1500", "type", "vxlan", "id", "100", "local", "10.77.0.1",
              "dstport", "4789", "nolearning"],
+            ["ip", "link", "set", "vx-100", "addrgenmode", "none"],
             ["ip", "link", "set", "vx-100", "master", "br-100"],
             ["bridge", "link", "set", "dev", "vx-100", "learning", "off"],
             ["ip", "link", "set", "vx-100", "up"],

@@ -15,12 +15,12 @@ import sys
 from typing import List, NoReturn, Optional
 
 from sevpn import __version__, control
-from sevpn.cli import account, hub, nic
+from sevpn.cli import account, fabric, hub, nic
 from sevpn.cli.common import CommandError, resolve_state_dir
 from sevpn.files import StateError, os_error
 
 #: The command groups, in the order C{sevpn --help} lists them.
-GROUPS = (hub, account, nic)
+GROUPS = (hub, account, nic, fabric)
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ from typing import Optional
 from sevpn import control
 from sevpn.cli import cascade
 from sevpn.cli.common import CommandError, command, fields, human, password, print_json, table
+from sevpn.cli.fabric import register_hub as register_fabric
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.files import StateDir
 from sevpn.pki import ca_info
@@ -272,3 +273,4 @@ def register(roles) -> None:
     p.add_argument("--broadcast-pps", type=_count("--broadcast-pps", UserPolicy.MAXIMA["broadcast_pps"]),
                    metavar="N", help="broadcast and multicast frames per second a session may send")
     cascade.register(hub)
+    register_fabric(hub)
