@@ -138,7 +138,8 @@ def node_status(node: FabricNode, vtysh: Callable[[str], str], run: Runner) -> d
             failures.append(str(e))
     view = describe(node, *answers, run(["bridge", "-j", "fdb", "show"]))
     if failures:
-        if not answers[0]:  # zebra did not answer: that it "does not know" a VNI says nothing
+        if failures[0].startswith(f"vtysh -c '{STATUS_QUERIES[0]}'"):
+            # zebra did not answer: that it "does not know" a VNI says nothing
             view["problems"] = [p for p in view["problems"] if not p.startswith("FRR does not know")]
         reasons = {f.rsplit(": ", 1)[-1] for f in failures}
         if len(failures) == len(STATUS_QUERIES) and len(reasons) == 1:

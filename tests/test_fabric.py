@@ -19,9 +19,9 @@ import time
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sevpn.fabric import (
-    FabricError, FabricNode, Segment, describe, fabric, fabric_attach, fabric_down, fabric_up, format_status,
-    frr_conf, parse_bgp_summary, parse_evpn_macs, parse_evpn_vnis, parse_fabric_option, parse_fdb, parse_links,
-    plan_attach, plan_down, plan_up, zebra_conf,
+    FabricError, FabricNode, Segment, check_underlay, describe, fabric, fabric_attach, fabric_down, fabric_up,
+    format_status, frr_conf, parse_bgp_neighbors, parse_bgp_summary, parse_evpn_macs, parse_evpn_vnis,
+    parse_fabric_option, parse_fdb, parse_links, plan_attach, plan_down, plan_up, segment_on_node, zebra_conf,
 )
 from sevpn.frr import command_runner
 from scripts.fabric_topology import FabricTopology, run
@@ -272,6 +272,53 @@ class PlanTests(TestCase):
                          [["ip", "link", "del", "vx-100"], ["ip", "link", "del", "br-100"]])
         self.assertEqual(plan_down(self.node, self.seg, {}).commands, [])
 
+    def test_an_existing_vxlan_device_loses_its_ipv6_address(self):
+        entries = json.loads(LINKS)
+        entries[3]["inet6_addr_gen_mode"] = "eui64"
+        self.assertEqual(plan_up(self.node, self.seg, parse_links(json.dumps(entries))).commands, [
+            ["ip", "link", "set", "vx-100", "addrgenmode", "none"],
+            ["ip", "-6", "addr", "flush", "dev", "vx-100"],
+        ])
+
+    def test_attach_gives_the_segment_mtu_and_no_ipv6_address(self):
+        entries = json.loads(LINKS) + [{"ifname": "vt100-0", "flags": ["BROADCAST", "UP"], "mtu": 1500,
+                                        "inet6_addr_gen_mode": "eui64", "linkinfo": {"info_kind": "tun"}}]
+        plan = plan_attach(Segment("DEFAULT", 100, mtu=1450), "vt100-0", parse_links(json.dumps(entries)))
+        self.assertEqual(plan.commands, [
+            ["ip", "link", "set", "vt100-0", "mtu", "1450"],
+            ["ip", "link", "set", "vt100-0", "addrgenmode", "none"],
+            ["ip", "link", "set", "vt100-0", "master", "br-100"],
+        ])
+
+    def test_what_a_hub_finds_on_its_node(self):
+        seg, vtep = segment_on_node("DEFAULT", 100, parse_links(LINKS))
+        self.assertEqual((seg, vtep), (Segment("DEFAULT", 100, mtu=1500), "10.77.0.1"))
+        entries = json.loads(LINKS)
+        entries[3]["mtu"] = 1450
+        self.assertEqual(segment_on_node("DEFAULT", 100, parse_links(json.dumps(entries)))[0].mtu, 1450)
+        e = self.assertRaises(FabricError, segment_on_node, "DEFAULT", 200, parse_links(LINKS))
+        self.assertEqual(str(e), "--fabric DEFAULT=200: there is no bridge br-200 on this node: run 'sevpn fabric "
+                                 "up --vtep ADDRESS --fabric DEFAULT=200' first (as root; docs/fabric.md)")
+        entries = json.loads(LINKS)
+        entries[3]["flags"] = ["BROADCAST"]
+        e = self.assertRaises(FabricError, segment_on_node, "DEFAULT", 100, parse_links(json.dumps(entries)))
+        self.assertIn("br-100 or vx-100 is down: run 'sevpn fabric up", str(e))
+        entries[3]["master"] = "br-other"
+        e = self.assertRaises(FabricError, segment_on_node, "DEFAULT", 100, parse_links(json.dumps(entries)))
+        self.assertIn("bridge br-100 has no VXLAN device vx-100 in it", str(e))
+
+    def test_the_underlay_must_carry_the_vtep_and_room_for_vxlan(self):
+        addresses = json.dumps([
+            {"ifname": "lo", "mtu": 65536, "addr_info": [{"family": "inet", "local": "127.0.0.1"}]},
+            {"ifname": "eth0", "mtu": 1500, "addr_info": [{"family": "inet", "local": "10.77.0.1"}]},
+        ])
+        self.assertEqual(check_underlay("10.77.0.1", Segment("DEFAULT", 100, mtu=1450), addresses), [])
+        [warning] = check_underlay("10.77.0.1", self.seg, addresses)
+        self.assertIn("eth0, which carries the VTEP 10.77.0.1, has MTU 1500: VXLAN needs 1550", warning)
+        self.assertIn("--mtu 1450", warning)
+        e = self.assertRaises(FabricError, check_underlay, "10.77.0.9", self.seg, addresses)
+        self.assertIn("--vtep 10.77.0.9 is not an address of this machine", str(e))
+
     def test_links_that_are_not_json(self):
         self.assertRaises(FabricError, parse_links, "Object \"link\" is unknown")
 
@@ -289,6 +336,24 @@ class StatusTests(TestCase):
         fdb = parse_fdb(FDB)["vx-100"]
         self.assertEqual(fdb.flood, ("10.77.0.2",))
         self.assertEqual(fdb.per_vtep(), {"10.77.0.2": 1})
+
+    def test_neighbours_and_their_roles(self):
+        text = json.dumps({
+            "10.77.0.2": {"remoteAs": 65000, "bgpState": "Established",
+                          "neighborCapabilities": {"hostName": {"advHostName": "fb1", "rcvHostName": "fb2"}},
+                          "addressFamilyInfo": {"l2VpnEvpn": {"routeReflectorClient": True}}},
+            "10.77.0.3": {"remoteAs": 65000, "bgpState": "Active", "addressFamilyInfo": {"l2VpnEvpn": {}}},
+            "eth1": {"remoteAs": 65000},
+        })
+        self.assertEqual(parse_bgp_neighbors(text), ("fb1", {"10.77.0.2": True, "10.77.0.3": False}))
+        self.assertEqual(parse_bgp_neighbors("{}"), ("", {}))
+
+    def test_the_hub_workers_part(self):
+        view = describe(self.node, EVPN_VNIS, EVPN_MACS, BGP_SUMMARY, FDB)
+        view["segments"][0]["hub_worker"] = {"worker": 0, "tap": "vt100-0", "mtu": 1500, "local_macs": 3,
+                                             "remote_macs": 1, "reflection": {"entries": 3, "failed": 0, "dropped": 0}}
+        self.assertIn("  hub worker 0: TAP vt100-0 (MTU 1500), 3 local MACs, 3 reflected into the bridge (0 failed, "
+                      "0 dropped), 1 remote MACs seen on the fabric port\n", format_status(view))
 
     def test_nothing_to_say_is_empty(self):
         for parse in (parse_evpn_vnis, parse_evpn_macs, parse_bgp_summary, parse_fdb):

@@ -11,7 +11,7 @@ import os
 from twisted.trial.unittest import TestCase
 
 from sevpn.fabric import FabricError, FabricNode, Segment
-from sevpn.frr import RUN_DIR, FrrError, FrrInstance, command_runner, node_status
+from sevpn.frr import RUN_DIR, FrrError, FrrInstance, command_runner, discover_node, node_status
 from scripts.fabric_topology import FabricTopology, skip_reason
 from scripts.netns import wait_for
 
@@ -106,3 +106,35 @@ class RunnerTests(TestCase):
     def test_instance_names_are_one_path_component(self):
         node = FabricNode("a", "10.0.0.1", (Segment("DEFAULT", 100),))
         self.assertRaises(FrrError, FrrInstance, node, name="../etc")
+
+
+class WithoutFrr(TestCase):
+    """What the status says when FRR does not answer, and the node as FRR runs it (vtysh scripted)."""
+
+    node = FabricNode("a", "10.0.0.1", (Segment("DEFAULT", 100),))
+
+    @staticmethod
+    def fdb(argv):
+        return "[]"
+
+    def test_no_frr_at_all_is_one_sentence(self):
+        def vtysh(command):
+            raise FrrError(f"vtysh -c '{command}' failed: Exiting: failed to connect to any daemons.")
+
+        view = node_status(self.node, vtysh, self.fdb)
+        self.assertEqual(view["problems"], ["FRR does not answer (vtysh: failed to connect to any daemons.): "
+                                            "is it running, with bgpd?"])
+
+    def test_the_node_as_bgpd_has_it(self):
+        answers = {"show bgp neighbors json": """{
+            "10.0.0.3": {"addressFamilyInfo": {"l2VpnEvpn": {"routeReflectorClient": true}},
+                         "neighborCapabilities": {"hostName": {"advHostName": "hub a"}}},
+            "10.0.0.2": {"addressFamilyInfo": {"l2VpnEvpn": {}}}}"""}
+        node = discover_node([Segment("DEFAULT", 100)], "10.0.0.1", answers.__getitem__)
+        self.assertEqual((node.name, node.peers, node.clients), ("hub-a", ("10.0.0.2", "10.0.0.3"), ("10.0.0.3",)))
+
+        def down(command):
+            raise FrrError("bgpd is not running")
+
+        node = discover_node([Segment("DEFAULT", 100)], "10.0.0.1", down)
+        self.assertEqual((node.peers, node.vtep), ((), "10.0.0.1"))

@@ -66,7 +66,8 @@ def _runner():
 def fabric_up_command(args) -> None:
     node, run = _node(args), _runner()
     try:
-        warnings = [w for seg in node.segments for w in check_underlay(node.vtep, seg, run(["ip", "-j", "addr", "show"]))]
+        addresses = run(["ip", "-j", "addr", "show"])
+        warnings = [w for seg in node.segments for w in check_underlay(node.vtep, seg, addresses)]
         done = [(seg, fabric_up(node, seg.vni, run)) for seg in node.segments]
     except FabricError as e:
         raise CommandError(str(e))
