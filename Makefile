@@ -1,5 +1,6 @@
 # sevpn: a layer-2 VPN on Twisted.  Run as root on Debian.
 #   make demo   set everything up and show a hub with two cards at work
+#   make demo-fabric  two hub nodes serving one virtual hub (VXLAN + BGP-EVPN with FRR), a card on each
 #   make test   the whole trial suite (unit and namespace system tests)
 #   make bench  throughput and latency through the VPN beside bare veth
 
@@ -7,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOURCES := $(shell find sevpn twisted -name '*.py') setup.cfg pyproject.toml
 
-.PHONY: all demo test bench soak system-deps install clean
+.PHONY: all demo demo-fabric test bench bench-fabric soak system-deps install clean
 
 all: install
 
@@ -47,11 +48,18 @@ $(VENV)/.installed: $(SOURCES) constraints.txt
 demo: system-deps install
 	$(PY) scripts/demo.py
 
+demo-fabric: system-deps install
+	$(PY) scripts/fabric_demo.py
+
 test: system-deps install
 	$(PY) -m twisted.trial tests
 
 bench: system-deps install
 	$(PY) scripts/bench.py
+
+# Cards on two hub nodes (VXLAN between them) beside cards on one node.
+bench-fabric: system-deps install
+	$(PY) scripts/bench_fabric.py
 
 # Ten minutes of chaos (cuts, restarts, a hostile user) under honest traffic; not in CI.
 soak: system-deps install

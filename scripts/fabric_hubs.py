@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest
 
@@ -50,7 +50,7 @@ class FabricHubs(Topology):
 
     prefix = "ff"
 
-    def __init__(self, nodes: int = 3, reflectors: Sequence[int] = ()) -> None:
+    def __init__(self, nodes: int = 3, reflectors: Sequence[int] = (), password: Optional[str] = BGP_PASSWORD) -> None:
         reason = skip_reason(need_frr=True)
         if reason:
             raise SkipTest(reason)
@@ -61,7 +61,7 @@ class FabricHubs(Topology):
         try:
             described = fabric({self.node_ns(i): self.vtep(i) for i in self.node_numbers},
                                [Segment(HUB, VNI)], reflectors=[self.node_ns(i) for i in reflectors],
-                               password=BGP_PASSWORD)
+                               password=password)
             self.nodes: Dict[int, FabricNode] = {i: described[self.node_ns(i)] for i in self.node_numbers}
             for bridge, mtu in (("ul", "9000"), ("acc", "1500")):
                 self.ip("-n", self.hub_ns, "link", "add", bridge, "mtu", mtu, "type", "bridge")
@@ -187,10 +187,10 @@ class FabricHubs(Topology):
             raise AssertionError(f"the hub on node {n} exited: {self.log(f'hub{n}')[-2000:]}")
         return proc
 
-    def start_card_on_nodes(self, i: int, nodes: Sequence[int]) -> subprocess.Popen:
-        """Card C{i}, whose account lists nodes C{nodes} in order (tried in turn)."""
+    def start_card_on_nodes(self, i: int, nodes: Sequence[int], user: Optional[str] = None) -> subprocess.Popen:
+        """Card C{i} (user C{ui} unless C{user}), whose account lists nodes C{nodes} in order (tried in turn)."""
         more = [a for n in nodes[1:] for a in ("--hub", f"{self.node_addr(n)}:5555")]
-        return self.start_card(i, hub=f"{self.node_addr(nodes[0])}:5555", extra=more)
+        return self.start_card(i, user=user, hub=f"{self.node_addr(nodes[0])}:5555", extra=more)
 
     def converged(self) -> bool:
         """Every running node's sessions are up, it floods to every other running node, nothing disagrees."""
