@@ -265,11 +265,11 @@ class Card:
         self._dialing = None
         self._handshaking = None
         self.failures += 1
-        self._node += 1  # the next node of the hub, if it has several
         if self.account is not None and not self.account.auto_reconnect:
             self._give_up(reason)
         else:
-            self._attempt_failed(reason)
+            self._attempt_failed(reason)  # logged with the node that failed; the retry comes later
+        self._node += 1  # the next node of the hub, if it has several
 
     def link_lost(self, link: Link, clean: bool, reason: str) -> None:
         """The session's link is gone; C{clean} if a goodbye was said."""

@@ -496,3 +496,15 @@ class SeveralNodes(SynchronousTestCase):
         self.assertEqual(self.card.status()["hub"], "192.0.2.3:5555")
         # a fresh session on the other node: the cable was unplugged and plugged in again
         self.assertEqual(self.card.lan.tap.carrier_changes, [True, False, True])
+
+    def test_a_failure_is_logged_with_the_node_that_failed(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.lab.network.up = False
+        self.card.connect(self.account)
+        self.run_both(3)
+        [failed] = [e for e in events if e.get("log_format", "").startswith("cannot connect to hub")]
+        self.assertEqual(failed["addr"], "192.0.2.2:5555")
