@@ -121,7 +121,6 @@ class Options(CommonOptions):
             raise usage.UsageError(f"{option} {text}: {pair[1]} is bridged twice")
         return pair
 
-
     # the node's fabric -------------------------------------------------------
 
     def opt_fabric(self, text: str) -> None:

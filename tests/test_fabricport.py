@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -157,6 +159,22 @@ class Attaching(SynchronousTestCase):
         self.assertEqual((vhub.ports, vhub.on_learn, vhub.on_forget), ([], None, None))
 
 
+class Options(SynchronousTestCase):
+    def test_fabric_option(self):
+        from twisted.python.usage import UsageError
+
+        from sevpn.hubtap import Options as HubOptions
+
+        options = HubOptions()
+        options.parseOptions(["--fabric", "DEFAULT=100", "--fabric", "LAB=200"])
+        self.assertEqual(options["fabric"], [("DEFAULT", 100), ("LAB", 200)])
+        for args, sentence in ((["--fabric", "DEFAULT"], "expected HUB=VNI"),
+                               (["--fabric", "DEFAULT=100", "--fabric", "LAB=100"], "is in the fabric twice"),
+                               (["--fabric", "DEFAULT=16777216"], "out of range")):
+            e = self.assertRaises(UsageError, HubOptions().parseOptions, args)
+            self.assertIn(sentence, str(e))
+
+
 class Reflection(SynchronousTestCase):
     """What reaches the bridge's FDB as a real hub's cards come and go."""
 
@@ -230,7 +248,7 @@ class Reflection(SynchronousTestCase):
 # a real hub on a real node bridge ---------------------------------------------
 
 from tests.test_system import SystemTestCase  # noqa: E402
-from scripts.netns import BIN, Topology, sevpn, wait_for  # noqa: E402
+from scripts.netns import BIN, Topology, env, wait_for  # noqa: E402
 
 
 class NodeTopology(Topology):
@@ -250,12 +268,8 @@ class NodeTopology(Topology):
             self.close()
             raise
 
-    def node_sevpn(self, *args: str):
-        import subprocess
-        import sys
-
-        from scripts.netns import env
-
+    def node_sevpn(self, *args: str) -> subprocess.CompletedProcess:
+        """The sevpn command, run in the node's namespace."""
         return subprocess.run(["ip", "netns", "exec", self.hub_ns, sys.executable, "-m", "sevpn.cli", *args],
                               capture_output=True, text=True, timeout=60, env=env())
 

@@ -22,7 +22,7 @@ from sevpn.fabric import (
     DEFAULT_ASN, LINKS_COMMAND, FabricError, FabricNode, Segment, check_address, check_underlay, fabric_down,
     fabric_up, format_status, frr_conf, parse_fabric_option, parse_links,
 )
-from sevpn.frr import node_name
+from sevpn.frr import FrrError, command_runner, discover_node, node_name, node_status, vtysh_runner
 from sevpn.users import read_password_file
 
 
@@ -49,8 +49,7 @@ def _node(args) -> FabricNode:
 
 
 def _runner():
-    from sevpn.frr import command_runner
-
+    """C{ip} and C{bridge} here, their failures as the command's sentences."""
     run = command_runner()
 
     def checked(argv):
@@ -127,8 +126,6 @@ def frr_config_command(args) -> None:
 
 
 def hub_fabric_command(args) -> None:
-    from sevpn.frr import FrrError, discover_node, node_status, vtysh_runner
-
     info = control.call(args.state_dir, "fabric")
     if not info["segments"]:
         raise CommandError("the hub runs without --fabric: none of its virtual hubs is in a fabric")
