@@ -143,26 +143,15 @@ class Link(Protocol):
         busypoll.activity()
         session = self.session
         try:
-            for kind, body in self.decoder.feed(data):
-                if kind == wire.DATA:
-                    if session is None:
-                        raise wire.ProtocolError("unexpected DATA message")
-                    first, ack, frames = wire.decode_data(body)
-                    session.data_received(first, ack, frames, len(body) - 16 - 4 * len(frames))
-                    self._unacked_frames += len(frames)
-                    self._unacked_bytes += len(body)
-                elif kind == wire.ACK or kind == wire.NULL:
-                    ack = wire.decode_ack(body)
-                    if session is not None:
-                        session.ack_received(ack)
-                elif kind == wire.GOODBYE:
-                    self.goodbye_received(wire.Goodbye.decode(body).reason)
+            messages = self.decoder.feed(data)
+            while messages:
+                kind = self._handle(messages, session)
+                if kind is None:
                     return
-                else:
-                    self.handshake_message(kind, body)
-                    session = self.session
-                if not self.open:
-                    return
+                session = self.session
+                # The decoder stops after a handshake message: read on, under
+                # the limits the handshake may have changed.
+                messages = self.decoder.feed(b"") if kind in wire.HANDSHAKE else None
         except (wire.ProtocolError, SequenceError) as e:
             self.fail(str(e))
             return
@@ -171,6 +160,31 @@ class Link(Protocol):
                 session.input_done()
         if self.session is not None:
             self._maybe_ack()
+
+    def _handle(self, messages, session: Optional[Session]) -> Optional[int]:
+        """Handle the messages of one feed; the last one's kind, or None if the link closed."""
+        kind = None
+        for kind, body in messages:
+            if kind == wire.DATA:
+                if session is None:
+                    raise wire.ProtocolError("unexpected DATA message")
+                first, ack, frames = wire.decode_data(body)
+                session.data_received(first, ack, frames, len(body) - 16 - 4 * len(frames))
+                self._unacked_frames += len(frames)
+                self._unacked_bytes += len(body)
+            elif kind == wire.ACK or kind == wire.NULL:
+                ack = wire.decode_ack(body)
+                if session is not None:
+                    session.ack_received(ack)
+            elif kind == wire.GOODBYE:
+                self.goodbye_received(wire.Goodbye.decode(body).reason)
+                return None
+            else:
+                self.handshake_message(kind, body)
+                session = self.session
+            if not self.open:
+                return None
+        return kind
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
         """Subclass hook: a message other than data, ack, keepalive, goodbye."""

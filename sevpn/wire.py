@@ -47,6 +47,9 @@ ACK = 5
 NULL = 6
 GOODBYE = 7
 
+#: The handshake messages: after one, L{Decoder.feed} stops (see there).
+HANDSHAKE = frozenset({HELLO, WELCOME, REFUSED, GOODBYE})
+
 NAMES = {
     HELLO: "HELLO",
     WELCOME: "WELCOME",
@@ -477,7 +480,8 @@ class Decoder:
 
     L{feed} returns the complete messages as ``(type, body)`` pairs whose
     bodies are memoryviews into an internal buffer; they stay valid until
-    the next call to L{feed}.  Buffering is bounded by C{max_body}: a link
+    the next call to L{feed}.  It stops after a handshake message, whose
+    handling may change how what follows is read; feeding C{b""} goes on.  Buffering is bounded by C{max_body}: a link
     starts at L{MAX_HELLO} (nobody may make the hub buffer a megabyte
     before logging in) and raises it to L{MAX_BODY} once the peer is known.
     """
@@ -517,6 +521,11 @@ class Decoder:
                 break
             messages.append((kind, view[pos + HEADER_SIZE : stop]))
             pos = stop
+            if kind in HANDSHAKE:
+                # What follows may be read under other limits once this is
+                # handled (a welcome lifts the hello-sized one): stop here,
+                # the caller feeds again (with b"") for the rest.
+                break
         if not messages:
             # Nothing was handed out, so the buffer may simply grow.
             if source is data:

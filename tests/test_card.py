@@ -508,3 +508,20 @@ class SeveralNodes(SynchronousTestCase):
         self.run_both(3)
         [failed] = [e for e in events if e.get("log_format", "").startswith("cannot connect to hub")]
         self.assertEqual(failed["addr"], "192.0.2.2:5555")
+
+
+class ResumeWithLargeFrames(SynchronousTestCase):
+    def test_a_welcome_and_a_large_resend_in_one_read(self):
+        """The hub's welcome and the super-frames it resends arrive together; the card reads both."""
+        lab = Lab(self)
+        a, b = lab.card(1), lab.card(2)
+        a.lan.tap.os_sends([frame(BROADCAST, mac(1))])
+        lab.network.pump()
+        lab.network.cut()
+        big = [frame(mac(1), mac(2), bytes([i]) * 60000) for i in range(3)]
+        b.lan.tap.os_sends(big)  # held at the hub for a
+        lab.network.restore()
+        lab.network.run(3)
+        self.assertEqual(a.state, card_states.CONNECTED)
+        self.assertEqual(a.status()["resumes"], 1)
+        self.assertEqual(a.lan.tap.written[-3:], big)
