@@ -3,7 +3,9 @@ The card's accounts: the connection manager's dial-up entries, like
 SoftEther's: where to connect and as whom, picked by name.
 
 Each account is C{STATE/accounts/NAME.json}, 0600, because it holds the
-password the card must present to the hub.  It pins the hub's CA: the
+password the card must present to the hub, or instead the paths of a
+client certificate and its key (L{Account.cert_file}, L{Account.key_file}:
+the key stays in its own 0600 file, not copied into the account).  It pins the hub's CA: the
 SHA-256 fingerprint of the CA file's certificate when the account was
 saved, so that a CA file replaced later is refused, not trusted.
 """
@@ -47,7 +49,8 @@ class Account:
     name: str
     hub: str
     user: str
-    password: str
+    #: None when the card logs in with a client certificate instead.
+    password: Optional[str]
     ca_file: str
     hub_name: str = DEFAULT_HUB
     server_name: Optional[str] = None
@@ -64,11 +67,22 @@ class Account:
     dhcp: bool = False
     #: The pinned CA certificate's SHA-256 fingerprint (L{sevpn.pki.fingerprint}); None: not pinned.
     ca_sha256: Optional[str] = None
+    #: A client certificate (PEM) signed by the hub's CA, and its key (a
+    #: 0600 PEM file), presented over TLS to log in without a password.
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_name("account", self.name)
         check_name("virtual hub", self.hub_name)
         check_name("user", self.user)
+        if (self.cert_file is None) != (self.key_file is None):
+            raise StateError(f"account {self.name}: give both a certificate file and its key file")
+        if (self.password is None) == (self.cert_file is None):
+            raise StateError(f"account {self.name}: give either a password or a certificate and key, "
+                             f"{'not both' if self.password is not None else 'none is given'}")
+        if self.password is not None and not isinstance(self.password, str):
+            raise StateError(f"account {self.name}: the password must be text")
         self.host, self.port = parse_hub_address(self.hub)
         #: Every node to dial, in order: (address as given, host, port).
         self.nodes = [(self.hub, self.host, self.port)] + [(a, *parse_hub_address(a)) for a in self.more_hubs]
@@ -99,6 +113,11 @@ class Account:
         """The nodes, for a log line: C{a:5555} or C{a:5555 (then b:5555)}."""
         more = ", ".join(self.more_hubs)
         return f"{self.hub} (then {more})" if more else self.hub
+
+    @property
+    def credential(self) -> str:
+        """How the card logs in, for a person: C{password} or C{certificate FILE}."""
+        return f"certificate {self.cert_file}" if self.cert_file else "password"
 
     def public(self) -> dict:
         """The account without its secrets (the password, the proxy's password)."""

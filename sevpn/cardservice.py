@@ -19,7 +19,7 @@ from sevpn.card import Card, NicSide
 from sevpn.files import StateDir, os_error
 from sevpn.mac import format_mac, load_or_create_mac
 from sevpn.netconfig import CardInterface, ConfigError, DhcpClient, InterfaceConfig, ProcessRunner
-from sevpn.pki import client_tls_options, fingerprint, load_ca_file
+from sevpn.pki import client_tls_options, fingerprint, load_ca_file, load_client_identity
 from sevpn.runtime import fatal, reactor_or_global
 from sevpn.sdnotify import notify
 from sevpn.sequencing import DEFAULT_LIMIT
@@ -31,8 +31,9 @@ from sevpn.users import StateError
 def tls_endpoint_for(reactor):
     """
     How a card reaches a hub: TCP (through the account's proxy, if any),
-    then TLS end to end, verified against the CA file; one endpoint per
-    node the account lists, dialled in turn.
+    then TLS end to end, verified against the CA file, presenting the
+    account's client certificate if it has one; one endpoint per node the
+    account lists, dialled in turn.
     """
 
     def endpoint_for(account: Account):
@@ -44,10 +45,11 @@ def tls_endpoint_for(reactor):
                     f"(it pinned SHA-256 {account.ca_sha256}, the file now holds {pinned}): if the hub's CA "
                     f"really changed, save the account again with 'sevpn account add'"
                 )
+        identity = load_client_identity(account.cert_file, account.key_file) if account.cert_file else None
         endpoints = []
         for _, host, port in account.nodes:
             try:
-                options = client_tls_options(account.ca_file, account.server_name or host)
+                options = client_tls_options(account.ca_file, account.server_name or host, identity)
             except OSError as e:
                 raise StateError(f"cannot read the CA file {account.ca_file}: {e.strerror}")
             except Exception as e:

@@ -66,6 +66,9 @@ class HubSession(Session):
         self.ended = False
         #: Another hub's cascade (a whole LAN behind this session), not a card.
         self.cascade = False
+        #: The SHA-256 fingerprint of the client certificate the card logged
+        #: in with (its last login, when resumed), or None for a password.
+        self.certificate: Optional[str] = None
 
     def __repr__(self) -> str:
         return f"<HubSession {self.id} {self.user}@{self.vhub.name}>"
@@ -87,6 +90,8 @@ class HubSession(Session):
             "uptime": round(now - self.started, 1),
             "macs": len(self.port.macs),
             "kind": "cascade" if self.cascade else "card",
+            "auth": "certificate" if self.certificate else "password",
+            "certificate": self.certificate,
         }
         info.update(self.port.counters())
         if self.cascade:
@@ -163,29 +168,42 @@ class Hub:
 
     # joining ---------------------------------------------------------------
 
-    def authenticate(self, peer: str, address: str, hello: wire.Hello) -> Deferred:
+    def authenticate(self, peer: str, address: str, hello: wire.Hello, certificate: Optional[str] = None) -> Deferred:
         """
-        Check a hello's credentials: a Deferred that fails with L{Refused}.
-        The slow hash runs where C{self.verify} puts it (a thread, in the
-        hub service), so logins never stall the frames of other sessions;
-        L{LoginGuard} decides first whether it runs at all.
+        Check a hello's credentials: its password, or when it has none, the
+        client certificate its TLS connection carried (verified against
+        the hub's CA by TLS), which must be registered to the hello's user
+        (L{HubState.certificate_login}).  A Deferred that fires with the
+        certificate's fingerprint if the card logged in with it (None for
+        a password), or fails with L{Refused}.  The check runs where
+        C{self.verify} puts it (a thread, in the hub service), so slow
+        hashes never stall the frames of other sessions; L{LoginGuard}
+        decides first whether it runs at all, for both kinds alike.
+
+        @param certificate: the SHA-256 fingerprint of the certificate the
+            card presented, if it did.
         """
-        if hello.password is None:
+        if hello.password is None and certificate is None:
             return fail(self._refuse(peer, address, hello, Refusal.BAD_HELLO))
         wait = self.guard.begin(address, hello.user, self.clock.seconds())
         if wait is not None:
             return fail(self._refuse(peer, address, hello, Refusal.THROTTLED))
+        login = None if hello.password is not None else certificate
 
         def checked(code):
             self.guard.end(address, hello.user, code is None, self.clock.seconds())
             if code is not None:
                 raise self._refuse(peer, address, hello, code)
+            return login
 
         def broke(failure):
             self.guard.end(address, hello.user, False, self.clock.seconds())
             return failure
 
-        d = self.verify(self.state.authenticate, hello.hub, hello.user, hello.password.encode("utf-8"))
+        if login is None:
+            d = self.verify(self.state.authenticate, hello.hub, hello.user, hello.password.encode("utf-8"))
+        else:
+            d = self.verify(self.state.certificate_login, hello.hub, hello.user, login)
         return d.addCallbacks(checked, broke)
 
     def _refuse(self, peer: str, address: str, hello: Optional[wire.Hello], code: str) -> Refused:
@@ -200,11 +218,15 @@ class Hub:
             )
         return Refused(code)
 
-    def join(self, peer: str, hello: wire.Hello) -> Tuple[HubSession, bool, int]:
+    def join(self, peer: str, hello: wire.Hello, certificate: Optional[str] = None) -> Tuple[HubSession, bool, int]:
         """
         After L{authenticate}: the session (resumed or fresh), whether it
         was resumed, and the last frame the card says it received.  Raises
         L{Refused}.
+
+        @param certificate: what L{authenticate} fired with: the
+            fingerprint of the certificate the card logged in with, if it
+            did (its session ends when that certificate is revoked).
         """
         if hello.resume is not None:
             session = self._resumable(hello.resume, hello.user, hello.hub)
@@ -212,6 +234,7 @@ class Hub:
                 if not session.can_resume_from(hello.resume.received):
                     raise Refused(Refusal.BAD_HELLO)
                 self._take_over(session, peer)
+                session.certificate = certificate
                 session.resumes += 1
                 self.log.info(
                     "session {id} of {user} on {hub} resumed from {peer} (resume #{n})",
@@ -247,6 +270,7 @@ class Hub:
         )
         session.peer = peer
         session.cascade = cascade
+        session.certificate = certificate
         self.sessions[session.id] = session
         self._apply_policy(session, policy)
         vhub.add_port(session.port)
@@ -255,8 +279,9 @@ class Hub:
         elif card_mac is not None:
             vhub.claim(card_mac, session.port)  # a cascade's hello MAC names no station
         self.log.info(
-            "{user} joined virtual hub {hub} from {peer}: session {id}",
+            "{user} joined virtual hub {hub} from {peer}{how}: session {id}",
             user=hello.user, hub=hello.hub, peer=peer, id=session.id,
+            how=f" with certificate {certificate}" if certificate else "",
         )
         return session, False, 0
 
@@ -407,7 +432,8 @@ class Hub:
     def users_changed(self) -> Tuple[List[Tuple[HubSession, str]], List[str]]:
         """
         The operator changed the users files: end the sessions of users who
-        were deleted or disabled and of deleted virtual hubs (each with a
+        were deleted or disabled, of deleted virtual hubs, and those that
+        logged in with a certificate that was revoked since (each with a
         goodbye saying why), then apply the others' current policy
         (L{policies_changed}).
 
@@ -422,7 +448,7 @@ class Hub:
             if hub in errors or session.ended:
                 continue
             try:
-                why = self.state.revoked(hub, session.user)
+                why = self.state.revoked(hub, session.user, session.certificate)
             except StateError as e:
                 errors[hub] = str(e)
                 self.log.error("cannot apply the users of virtual hub {hub}: {why}", hub=hub, why=str(e))

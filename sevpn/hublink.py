@@ -16,6 +16,8 @@ from sevpn import defaults, wire
 from sevpn.guard import Admission, SourceSummary
 from sevpn.hub import Hub, HubSession, Refused
 from sevpn.link import Link
+from sevpn.pki import fingerprint
+from sevpn.tls import peer_certificate
 from sevpn.timing import Keepalive
 from sevpn.wire import Refusal
 
@@ -65,7 +67,9 @@ class HubLink(Link):
             self.log.warn("{peer}: {why}", peer=self.peer_name(), why=str(e))
             self._refuse(Refused(Refusal.BAD_HELLO))
             return
-        d = self.hub.authenticate(self.peer_name(), self.peer_address(), hello)
+        cert = peer_certificate(self.transport)
+        d = self.hub.authenticate(self.peer_name(), self.peer_address(), hello,
+                                  fingerprint(cert) if cert is not None else None)
         d.addCallback(self._authenticated)
         d.addErrback(self._refused)
         d.addErrback(lambda f: self.fail(f"handshake failed: {f.getErrorMessage()}"))
@@ -78,11 +82,11 @@ class HubLink(Link):
         self._handshake_over()
         self.refuse(refused.message)
 
-    def _authenticated(self, _) -> None:
+    def _authenticated(self, certificate: Optional[str]) -> None:
         if not self.open:
             return  # the card left while its password was checked
         try:
-            session, resumed, card_received = self.hub.join(self.peer_name(), self._hello)
+            session, resumed, card_received = self.hub.join(self.peer_name(), self._hello, certificate)
         except Refused as refused:
             self._refuse(refused)
             return

@@ -4,6 +4,8 @@ C{twistd sevpn-nic}: the virtual LAN card's command line and service.
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -13,15 +15,18 @@ from sevpn.mac import InvalidMAC, parse_mac
 from sevpn.options import CommonOptions
 from sevpn.users import StateError, read_password_file
 
-#: The flags that together make an account on the command line.
-_ACCOUNT_FLAGS = ("hub", "user", "password-file", "ca-file")
+#: The flags that together make an account on the command line (with a
+#: password file, or a certificate and key file).
+_ACCOUNT_FLAGS = ("hub", "user", "ca-file")
+_CREDENTIAL_FLAGS = ("password-file", "cert-file", "key-file")
 
 
 class Options(CommonOptions):
     synopsis = "[options]"
     longdesc = (
         "Run a sevpn virtual LAN card: a TAP device whose frames cross a virtual HUB. "
-        "Connect with --account NAME, with --hub/--user/--password-file/--ca-file, "
+        "Connect with --account NAME, with --hub/--user/--ca-file and --password-file "
+        "(or --cert-file/--key-file), "
         "or later with 'sevpn nic connect NAME'."
     )
     optParameters = [
@@ -32,6 +37,9 @@ class Options(CommonOptions):
         ["user", "u", None, "User name on the virtual hub."],
         ["password-file", None, None, "File whose first line is the password ('-' for standard input)."],
         ["ca-file", None, None, "The hub's CA certificate (the hub's STATE/ca.pem)."],
+        ["cert-file", None, None, "Log in with this client certificate (PEM, signed by the hub's CA) "
+         "instead of a password."],
+        ["key-file", None, None, "The key of --cert-file (PEM, mode 0600)."],
         ["server-name", None, None, "The name to verify in the hub's certificate (default: the host of --hub)."],
         ["mac", None, None, "Use this MAC instead of the card's own generated one."],
         ["proxy", None, None, "Reach the hub through this proxy: http://[user:pass@]host:port or socks5://..."],
@@ -71,22 +79,35 @@ class Options(CommonOptions):
             except InvalidMAC as e:
                 raise usage.UsageError(str(e))
         self["connect"] = self["account"]
-        if any(self[k] for k in _ACCOUNT_FLAGS):
+        if any(self[k] for k in _ACCOUNT_FLAGS + _CREDENTIAL_FLAGS):
             if self["account"]:
-                raise usage.UsageError("give either --account or --hub/--user/--password-file/--ca-file, not both")
+                raise usage.UsageError("give either --account or --hub/--user/--ca-file/--password-file, not both")
             missing = [f"--{k}" for k in _ACCOUNT_FLAGS if not self[k]]
+            if self["password-file"] and (self["cert-file"] or self["key-file"]):
+                raise usage.UsageError("give either --password-file or --cert-file/--key-file, not both")
+            if self["cert-file"] or self["key-file"]:
+                missing += [f"--{k}" for k in ("cert-file", "key-file") if not self[k]]
+            elif not self["password-file"]:
+                missing.append("--password-file (or --cert-file and --key-file)")
             if missing:
                 raise usage.UsageError("to connect at start also give " + ", ".join(missing))
             try:
-                from sevpn.pki import fingerprint, load_ca_file
+                from sevpn.pki import fingerprint, load_ca_file, load_client_identity
 
                 pinned = fingerprint(load_ca_file(self["ca-file"]))
-                password = read_password_file(self["password-file"]).decode("utf-8")
+                password = cert_file = key_file = None
+                if self["cert-file"]:
+                    load_client_identity(self["cert-file"], self["key-file"])  # a mistake is said now
+                    cert_file, key_file = os.path.abspath(self["cert-file"]), os.path.abspath(self["key-file"])
+                else:
+                    password = read_password_file(self["password-file"]).decode("utf-8")
                 self["connect"] = Account(
                     name="command-line",
                     hub=self["hub"],
                     user=self["user"],
                     password=password,
+                    cert_file=cert_file,
+                    key_file=key_file,
                     ca_file=self["ca-file"],
                     hub_name=self["hub-name"],
                     server_name=self["server-name"],

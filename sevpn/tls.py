@@ -44,6 +44,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Optional, Tuple
 
+from cryptography import x509
 from OpenSSL.SSL import Error, WantReadError
 from twisted.internet import main
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -232,6 +233,19 @@ def _read_in_large_pieces(transport) -> None:
         return None
 
     transport.doRead = doRead
+
+
+def peer_certificate(transport) -> Optional[x509.Certificate]:
+    """
+    The certificate the peer of a TLS C{transport} presented, or None (also
+    for a transport that is not TLS).  Public API only
+    (C{ISSLTransport.getPeerCertificate}).  On the hub a certificate that
+    is there was verified: its TLS options (L{sevpn.pki.server_tls_options})
+    fail the handshake of one that does not chain to its CA.
+    """
+    get = getattr(transport, "getPeerCertificate", None)
+    cert = get() if get is not None else None
+    return cert.to_cryptography() if cert is not None else None
 
 
 class TLSFactory(TLSMemoryBIOFactory):

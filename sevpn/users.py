@@ -5,11 +5,17 @@ Layout: C{STATE/hubs/NAME/users.json}, one directory per virtual hub:
 
     {"users": {"alice": {"password": "scrypt$...", "disabled": true,
                          "policy": {"max_sessions": 2, "max_macs": 4, "rate_in": 10000000,
-                                    "rate_out": 10000000, "broadcast_pps": 100}}}}
+                                    "rate_out": 10000000, "broadcast_pps": 100},
+                         "certificates": {"3F:A0:...:7C": {"subject": "CN=alice", "serial": "5d0f...",
+                                                           "not_after": "2027-...", "added": "2025-...",
+                                                           "revoked": "2026-..."}}}}}
 
 Passwords are kept only as salted scrypt hashes; files are 0600.  The
 policy (L{UserPolicy}) and its fields are optional; absent means the hub's
-default.  The
+default.  A user without a password logs in only with a certificate.
+Certificates (L{CertificateRecord}) are keyed by their SHA-256
+fingerprint (L{sevpn.pki.fingerprint}); a revoked one stays, with the
+time it was revoked, so that it is never registered again by mistake.  The
 files are the single source of truth: the C{sevpn hub ...} commands edit
 them with or without a running hub, and the hub reads them at every login
 (cheaply, by modification time), so a new user takes effect at once; the
@@ -20,9 +26,11 @@ who were deleted or disabled (L{HubState.revoked}).
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar, Dict, List, Optional
@@ -38,7 +46,10 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 
 
-__all__ = ["StateError", "HubState", "UserPolicy", "DEFAULT_HUB"]  # StateError lives in sevpn.files
+__all__ = ["StateError", "HubState", "UserPolicy", "CertificateRecord", "DEFAULT_HUB"]  # StateError: sevpn.files
+
+#: A SHA-256 fingerprint as L{sevpn.pki.fingerprint} writes it: 32 bytes, upper-case hex, colons between.
+FINGERPRINT_PATTERN = re.compile(r"[0-9A-F]{2}(:[0-9A-F]{2}){31}\Z")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -148,13 +159,74 @@ class UserPolicy:
         return {k: v for k, v in asdict(self).items() if v}
 
 
+@dataclass(frozen=True)
+class CertificateRecord:
+    """
+    A client certificate registered to a user: what the operator sees of
+    it, and whether it was revoked.  The certificate itself is not kept:
+    its fingerprint is what a login is matched on.
+
+    @ivar fingerprint: its SHA-256 fingerprint (L{sevpn.pki.fingerprint}).
+    @ivar subject: its subject, as RFC 4514 text (C{CN=alice}).
+    @ivar serial: its serial number in hex.
+    @ivar not_after: when it expires (ISO 8601, UTC).
+    @ivar added: when it was registered (ISO 8601, UTC).
+    @ivar revoked: when it was revoked (ISO 8601, UTC), or None.
+    """
+
+    fingerprint: str
+    subject: str
+    serial: str
+    not_after: str
+    added: str
+    revoked: Optional[str] = None
+
+    def to_json(self) -> dict:
+        """Its entry under C{"certificates"} in the user's record (keyed by the fingerprint)."""
+        info = {k: v for k, v in asdict(self).items() if v is not None}
+        del info["fingerprint"]
+        return info
+
+    @classmethod
+    def from_json(cls, fingerprint: str, info: object) -> "CertificateRecord":
+        """The record of C{fingerprint} in a users file; C{ValueError} for a bad one."""
+        if not FINGERPRINT_PATTERN.match(fingerprint):
+            raise ValueError(f"{wire.quote(fingerprint)} is not a SHA-256 fingerprint")
+        if not isinstance(info, dict):
+            raise ValueError(f"certificate {fingerprint} is not an object")
+        values = {}
+        for f in fields(cls):
+            if f.name == "fingerprint":
+                continue
+            value = info.get(f.name)
+            if not isinstance(value, str) and not (f.name == "revoked" and value is None):
+                raise ValueError(f"certificate {fingerprint} has no {f.name!r} text")
+            values[f.name] = value
+        return cls(fingerprint, **values)
+
+
+def _certificates(record: dict) -> Dict[str, CertificateRecord]:
+    return {fp: CertificateRecord.from_json(fp, info) for fp, info in record.get("certificates", {}).items()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 class HubState:
-    """The virtual hubs and users under one hub state dir."""
+    """
+    The virtual hubs and users under one hub state dir.
+
+    Everything the hub and the C{sevpn} command know of users goes through
+    this class's methods, so that another store can implement the same.
+    """
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self.dir = StateDir(state_dir)
         self._cache: Dict[str, tuple] = {}
+        #: Per virtual hub: (the users it was made from, {live certificate's fingerprint: user}).
+        self._certificate_index: Dict[str, tuple] = {}
 
     def _hub_dir(self, hub: str) -> str:
         return self.dir.join("hubs", hub)
@@ -225,15 +297,21 @@ class HubState:
             raise StateError(f"there is no user {user} on virtual hub {hub} (see 'sevpn hub user list')")
         return dict(users[user])
 
-    def add_user(self, hub: str, user: str, password: bytes) -> bool:
-        """Add a user or change a password (keeping the user's policy); True if the user is new."""
+    def add_user(self, hub: str, user: str, password: Optional[bytes]) -> bool:
+        """
+        Add a user or change a password (keeping the user's policy and
+        certificates); True if the user is new.  With C{password} None a
+        new user has no password (they log in with a certificate) and an
+        existing one keeps theirs.
+        """
         check_name("user", user)
         if hub == DEFAULT_HUB:
             self.ensure_default()
         users = dict(self.users(hub))
         new = user not in users
         record = dict(users.get(user) or {})  # a new password keeps the user's policy
-        record["password"] = hash_password(password)
+        if password is not None:
+            record["password"] = hash_password(password)
         users[user] = record
         self._write(hub, users)
         return new
@@ -297,10 +375,14 @@ class HubState:
         del users[user]
         self._write(hub, users)
 
-    def revoked(self, hub: str, user: str) -> Optional[str]:
+    def revoked(self, hub: str, user: str, certificate: Optional[str] = None) -> Optional[str]:
         """
         Why a session of C{user} on C{hub} must end now (the sentence the
         card and the log get), or None if the user may stay.
+
+        @param certificate: the fingerprint of the certificate the session
+            logged in with, if it did: it must still be the user's and not
+            revoked.
         """
         if not self.exists(hub):
             return f"virtual hub {hub} was deleted by the operator"
@@ -309,6 +391,12 @@ class HubState:
             return f"user {user} was deleted by the operator"
         if record.get("disabled"):
             return f"user {user} was disabled by the operator"
+        if certificate is not None:
+            cert = _certificates(record).get(certificate)
+            if cert is None:
+                return f"the certificate {certificate} of user {user} was removed by the operator"
+            if cert.revoked is not None:
+                return f"the certificate {certificate} of user {user} was revoked by the operator"
         return None
 
     def policy(self, hub: str, user: str) -> Dict[str, int]:
@@ -340,6 +428,96 @@ class HubState:
         return None
 
 
+    # certificates ------------------------------------------------------------
+
+    def add_certificate(self, hub: str, user: str, certificate: CertificateRecord) -> bool:
+        """
+        Register a client certificate to C{user} (who must exist): a card
+        presenting it over TLS then logs in as C{user} without a password.
+        True if it is new to the user; a L{StateError} when it is another
+        user's on this virtual hub, or was revoked.
+        """
+        users = dict(self.users(hub))
+        if user not in users:
+            raise StateError(f"there is no user {user} on virtual hub {hub} (add it with 'sevpn hub user add')")
+        fp = certificate.fingerprint
+        for other, record in users.items():
+            known = _certificates(record).get(fp)
+            if known is None:
+                continue
+            if known.revoked is not None:
+                raise StateError(
+                    f"the certificate {fp} was revoked on {known.revoked[:10]} (user {other}): "
+                    f"a revoked certificate is never taken back; issue a new one with "
+                    f"'sevpn hub user add {user} --cert'"
+                )
+            if other != user:
+                raise StateError(f"the certificate {fp} is already user {other}'s on virtual hub {hub}: "
+                                 f"a certificate logs in as one user")
+            return False
+        record = dict(users[user])
+        certs = dict(record.get("certificates", {}))
+        certs[fp] = certificate.to_json()
+        record["certificates"] = certs
+        users[user] = record
+        self._write(hub, users)
+        return True
+
+    def certificates(self, hub: str, user: str) -> List[CertificateRecord]:
+        """C{user}'s certificates on C{hub}, revoked ones too, the newest last."""
+        return sorted(_certificates(self._record(hub, user)).values(), key=lambda c: (c.added, c.fingerprint))
+
+    def revoke_certificates(self, hub: str, user: str, fingerprint: Optional[str] = None) -> List[str]:
+        """
+        Revoke C{user}'s certificate C{fingerprint}, or all of theirs (None);
+        return the fingerprints revoked now.  Their sessions end when the
+        running hub is told (L{revoked}).
+        """
+        record = self._record(hub, user)
+        certs = _certificates(record)
+        if fingerprint is not None and fingerprint not in certs:
+            raise StateError(f"user {user} on virtual hub {hub} has no certificate {fingerprint} "
+                             f"(see 'sevpn hub user cert list {user}')")
+        now = _now()
+        done = []
+        for fp, cert in certs.items():
+            if cert.revoked is None and fingerprint in (None, fp):
+                certs[fp] = replace(cert, revoked=now)
+                done.append(fp)
+        if done:
+            record["certificates"] = {fp: cert.to_json() for fp, cert in certs.items()}
+            users = dict(self.users(hub))
+            users[user] = record
+            self._write(hub, users)
+        return done
+
+    def certificate_user(self, hub: str, fingerprint: str) -> Optional[str]:
+        """The user the certificate C{fingerprint} logs in as on C{hub}: None if none (or revoked)."""
+        if not self.exists(hub):
+            return None
+        users = self.users(hub)
+        index = self._certificate_index.get(hub)
+        if index is None or index[0] is not users:
+            live = {cert.fingerprint: user for user, record in users.items()
+                    for cert in _certificates(record).values() if cert.revoked is None}
+            index = self._certificate_index[hub] = (users, live)
+        return index[1].get(fingerprint)
+
+    def certificate_login(self, hub: str, user: str, fingerprint: str) -> Optional[str]:
+        """
+        None if a card whose TLS connection carried the verified
+        certificate C{fingerprint} may join C{hub} as C{user}; else the
+        refusal's code: L{wire.Refusal.AUTH_FAILED} when the certificate is
+        unknown, revoked, another user's, or its user disabled, as for a
+        wrong password.
+        """
+        if self.certificate_user(hub, fingerprint) != user:
+            return wire.Refusal.AUTH_FAILED
+        if self.users(hub)[user].get("disabled"):
+            return wire.Refusal.AUTH_FAILED
+        return None
+
+
 def _checked_users(path: str, data) -> Dict[str, dict]:
     """The users of a users file, or a L{StateError} naming what is wrong in it."""
 
@@ -352,12 +530,15 @@ def _checked_users(path: str, data) -> Dict[str, dict]:
     for name, record in users.items():
         if not wire.valid_name(name):
             raise damaged(f"{wire.quote(name)} is not a valid user name")
-        if not isinstance(record, dict) or not isinstance(record.get("password"), str):
-            raise damaged(f"user {name} has no password hash")
+        if not isinstance(record, dict) or not isinstance(record.get("password", ""), str):
+            raise damaged(f"user {name}: 'password' must be a password hash")
         if not isinstance(record.get("disabled", False), bool):
             raise damaged(f"user {name}: 'disabled' must be true or false")
         try:
             UserPolicy.of(record)
+            if not isinstance(record.get("certificates", {}), dict):
+                raise ValueError("'certificates' must be an object")
+            _certificates(record)
         except (TypeError, ValueError) as e:
             raise damaged(f"user {name}: {e}")
     return users

@@ -6,10 +6,10 @@ import os
 import sys
 
 from sevpn.accounts import Account, AccountStore, parse_hub_address
-from sevpn.cli.common import command, password, print_json, table
+from sevpn.cli.common import CommandError, command, password, print_json, table
 from sevpn.defaults import CARD_STATE_DIR
 from sevpn.files import StateDir, StateError
-from sevpn.pki import fingerprint, load_ca_file
+from sevpn.pki import fingerprint, load_ca_file, load_client_identity
 from sevpn.users import DEFAULT_HUB
 
 
@@ -18,12 +18,24 @@ def account_add(args) -> None:
         parse_hub_address(address)  # a typo in an address is said before anything else
     ca_file = os.path.abspath(args.ca_file)
     pinned = fingerprint(load_ca_file(ca_file))
+    cert_file = key_file = secret = None
+    if args.cert_file or args.key_file:
+        if args.password_file:
+            raise CommandError("give either --password-file or --cert-file/--key-file, not both")
+        if not (args.cert_file and args.key_file):
+            raise CommandError("give both --cert-file and --key-file (the certificate's key)")
+        load_client_identity(args.cert_file, args.key_file)  # a mistake is said now, not at the first dial
+        cert_file, key_file = os.path.abspath(args.cert_file), os.path.abspath(args.key_file)
+    else:
+        secret = password(args.password_file)
     account = Account(
         name=args.name,
         hub=args.hub[0],
         more_hubs=args.hub[1:],
         user=args.user,
-        password=password(args.password_file),
+        password=secret,
+        cert_file=cert_file,
+        key_file=key_file,
         ca_file=ca_file,
         hub_name=args.hub_name,
         server_name=args.server_name,
@@ -37,7 +49,8 @@ def account_add(args) -> None:
     if args.json:
         print_json(account.public())
         return
-    print(f"account {args.name} saved (hub {account.hub_name} at {account.hub} as {account.user})")
+    print(f"account {args.name} saved (hub {account.hub_name} at {account.hub} as {account.user}, "
+          f"with a {account.credential})")
     print(f"it trusts the CA certificate in {ca_file}, SHA-256 fingerprint {pinned}")
     print("(compare with 'sevpn hub ca' on the hub; a different certificate in that file will be refused)")
 
@@ -78,6 +91,9 @@ def register(roles) -> None:
     p.add_argument("--hub-name", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
     p.add_argument("--user", required=True)
     p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
+    p.add_argument("--cert-file", help="log in with this client certificate (PEM, from 'sevpn hub user add "
+                   "USER --cert') instead of a password")
+    p.add_argument("--key-file", help="the key of --cert-file (PEM, mode 0600)")
     p.add_argument("--ca-file", required=True, help="the hub's CA certificate (its STATE/ca.pem)")
     p.add_argument("--server-name", help="name to verify in the hub's certificate (default: the hub's host)")
     p.add_argument("--auto-reconnect", dest="auto_reconnect", action="store_true", default=True,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 from typing import Optional
 
 from sevpn import control
@@ -11,9 +13,12 @@ from sevpn.cli.common import CommandError, command, fields, human, password, pri
 from sevpn.cli.fabric import register_hub as register_fabric
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.files import StateDir
-from sevpn.pki import ca_info
+from sevpn.pki import (
+    ca_info, certificate_pem, certificate_record, check_client_certificate, create_private, issue_client_certificate,
+    load_certificate_file, parse_fingerprint,
+)
 from sevpn.quantities import parse_rate
-from sevpn.users import DEFAULT_HUB, HubState, UserPolicy
+from sevpn.users import DEFAULT_HUB, CertificateRecord, HubState, StateError, UserPolicy, check_name
 
 
 def _state(args, write: bool = False) -> HubState:
@@ -77,11 +82,108 @@ def user_add(args) -> None:
     state = _state(args, write=True)
     if not state.exists(args.hub):
         raise CommandError(f"there is no virtual hub named {args.hub} (create it with 'sevpn hub create {args.hub}')")
-    new = state.add_user(args.hub, args.user, password(args.password_file).encode("utf-8"))
-    if args.json:
-        print_json({"hub": args.hub, "user": args.user, "added": new})
+    if args.cert and args.cert_file:
+        raise CommandError("give either --cert (issue a new certificate) or --cert-file (register one), not both")
+    if args.out is not None and not args.cert:
+        raise CommandError("--out is where --cert writes the new certificate and key: give --cert too")
+    if not (args.cert or args.cert_file):
+        new = state.add_user(args.hub, args.user, password(args.password_file).encode("utf-8"))
+        if args.json:
+            print_json({"hub": args.hub, "user": args.user, "added": new})
+        else:
+            print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}")
+        return
+    _add_with_certificate(args, state)
+
+
+def _add_with_certificate(args, state: HubState) -> None:
+    """C{user add --cert} (issue a key and certificate into C{--out}) or C{--cert-file} (register one)."""
+    check_name("user", args.user)
+    secret = password(args.password_file).encode("utf-8") if args.password_file else None
+    written = []
+    if args.cert:
+        out = args.out or "."
+        cert_path, key_path = os.path.join(out, f"{args.user}.pem"), os.path.join(out, f"{args.user}.key")
+        for path in (cert_path, key_path):
+            if os.path.lexists(path):
+                raise CommandError(f"{path} already exists: remove it, or pass --out with another directory")
+        cert, key_pem = issue_client_certificate(args.state_dir, args.user)
+        record = certificate_record(cert)
+        create_private(key_path, key_pem, 0o600)
+        written.append(key_path)
+        try:
+            create_private(cert_path, certificate_pem(cert), 0o644)
+        except StateError:
+            os.unlink(key_path)
+            raise
+        written.append(cert_path)
     else:
-        print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}")
+        cert_path = key_path = None
+        record = check_client_certificate(
+            args.state_dir, load_certificate_file(args.cert_file, "certificate file (--cert-file)"), args.cert_file)
+    new = state.add_user(args.hub, args.user, secret)
+    try:
+        state.add_certificate(args.hub, args.user, record)
+    except StateError:
+        if new:
+            state.delete_user(args.hub, args.user)
+        for path in written:
+            os.unlink(path)
+        raise
+    if args.json:
+        print_json({"hub": args.hub, "user": args.user, "added": new, "sha256": record.fingerprint,
+                    "not_after": record.not_after, "cert_file": _abs(cert_path), "key_file": _abs(key_path)})
+        return
+    print(f"user {args.user} {'added to' if new else 'updated on'} virtual hub {args.hub}: "
+          f"certificate {'issued' if args.cert else 'registered'}")
+    if args.cert:
+        print(f"certificate:          {cert_path}")
+        print(f"key:                  {key_path} (mode 0600: give it only to the card)")
+    print(f"SHA-256 fingerprint:  {record.fingerprint}")
+    print(f"expires:              {record.not_after[:10]}")
+    if args.cert:
+        print(f"The card logs in with --cert-file {cert_path} --key-file {key_path} "
+              f"--ca-file {os.path.join(args.state_dir, 'ca.pem')} (no password)")
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    return os.path.abspath(path) if path else None
+
+
+def _cert_state(cert: CertificateRecord, now: str) -> str:
+    if cert.revoked:
+        return f"revoked {cert.revoked[:10]}"
+    return "expired" if cert.not_after < now else "valid"
+
+
+def cert_list(args) -> None:
+    state = _state(args)
+    hubs = [args.hub] if args.hub else state.hubs()
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    rows = []
+    for h in hubs:
+        users = [args.user] if args.user else sorted(state.users(h))
+        for user in users:
+            for cert in state.certificates(h, user):
+                rows.append({"hub": h, "user": user, "sha256": cert.fingerprint, "subject": cert.subject,
+                             "serial": cert.serial, "not_after": cert.not_after, "added": cert.added,
+                             "revoked": cert.revoked, "state": _cert_state(cert, now)})
+    if args.json:
+        print_json(rows)
+        return
+    for row in rows:
+        row["expires"] = row["not_after"][:10]
+    table(rows, ["hub", "user", "state", "expires", "subject", "sha256"])
+
+
+def cert_revoke(args) -> None:
+    fingerprint = parse_fingerprint(args.fingerprint) if args.fingerprint else None
+    revoked = _state(args).revoke_certificates(args.hub, args.user, fingerprint)
+    if not revoked:
+        done = f"user {args.user} on virtual hub {args.hub} has no certificate that is not revoked already"
+    else:
+        done = "\n".join(f"revoked certificate {fp} of user {args.user} on virtual hub {args.hub}" for fp in revoked)
+    _report(args, done, tell_hub(args, done.splitlines()[-1]), hub=args.hub, user=args.user, revoked=revoked)
 
 
 #: The limits of L{UserPolicy}, as C{sevpn hub user list} shows them.
@@ -96,18 +198,23 @@ def user_list(args) -> None:
         for user, record in sorted(state.users(h).items()):
             disabled = bool(record.get("disabled"))
             limits = state.policy(h, user)
+            certs = [c.fingerprint for c in state.certificates(h, user) if c.revoked is None]
             if args.json:
-                row = {"hub": h, "user": user, "disabled": disabled}
+                row = {"hub": h, "user": user, "disabled": disabled, "password": bool(record.get("password")),
+                       "certificates": certs}
                 row.update({k: limits.get(k, 0) for k in POLICY_COLUMNS})  # 0: the hub's default
             else:
-                row = {"hub": h, "user": user, "disabled": "disabled" if disabled else "enabled"}
+                row = {"hub": h, "user": user, "disabled": "disabled" if disabled else "enabled",
+                       "login": ", ".join((["password"] if record.get("password") else [])
+                                          + ([f"{len(certs)} certificate{'s' * (len(certs) != 1)}"] if certs else []))
+                       or None}
                 row.update({k: limits.get(k) for k in POLICY_COLUMNS})  # shown as "-": the hub's default
             rows.append(row)
     if args.json:
         print_json(rows)
     else:
-        table(rows, ["hub", "user", "disabled"] + POLICY_COLUMNS,
-              ["hub", "user", "state", "sessions", "macs", "rate in", "rate out", "bcast pps"])
+        table(rows, ["hub", "user", "disabled", "login"] + POLICY_COLUMNS,
+              ["hub", "user", "state", "login", "sessions", "macs", "rate in", "rate out", "bcast pps"])
 
 
 def user_delete(args) -> None:
@@ -246,9 +353,16 @@ def register(roles) -> None:
 
     users = hub.add_parser("user", help="users of a virtual hub").add_subparsers(dest="user_command", metavar="COMMAND")
     users.required = True
-    p = command(users, "add", user_add, "add a user or change a password", state, json_flag=True)
+    p = command(users, "add", user_add, "add a user or change a password, or give a user a certificate", state,
+                json_flag=True)
     _user_args(p)
-    p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
+    p.add_argument("--password-file", help="file whose first line is the password (default: standard input; "
+                   "with --cert or --cert-file: none, the user logs in with the certificate)")
+    p.add_argument("--cert", action="store_true",
+                   help="issue a key and a certificate signed by the hub's CA for the user's card (USER.key and "
+                        "USER.pem in --out)")
+    p.add_argument("--out", metavar="DIR", help="where --cert writes USER.pem and USER.key (default: here)")
+    p.add_argument("--cert-file", help="register this certificate (PEM, signed by the hub's CA) to the user")
     p = command(users, "list", user_list, "list users and their policy", state, json_flag=True)
     p.add_argument("--hub", help="only this virtual hub")
     p = command(users, "delete", user_delete, "delete a user (their sessions end)", state, json_flag=True)
@@ -259,6 +373,16 @@ def register(roles) -> None:
     p = command(users, "enable", lambda a: user_enable(a, False), "let a disabled user log in again", state,
                 json_flag=True)
     _user_args(p)
+    certs = users.add_parser("cert", help="the users' client certificates").add_subparsers(
+        dest="cert_command", metavar="COMMAND")
+    certs.required = True
+    p = command(certs, "list", cert_list, "list certificates: fingerprint, expiry, revoked", state, json_flag=True)
+    p.add_argument("user", nargs="?", help="only this user's")
+    p.add_argument("--hub", help="only this virtual hub")
+    p = command(certs, "revoke", cert_revoke, "revoke a user's certificate, or all of theirs (their sessions end)",
+                state, json_flag=True)
+    _user_args(p)
+    p.add_argument("fingerprint", nargs="?", help="the certificate's SHA-256 fingerprint (default: all of the user's)")
     p = command(users, "set", user_set, "change a user's password or limits (0: the hub's default, for rates no limit)", state, json_flag=True)
     _user_args(p)
     p.add_argument("--password-file", help="file whose first line is the new password ('-' for standard input)")
