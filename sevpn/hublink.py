@@ -42,6 +42,8 @@ class HubLink(Link):
         self._handshake_call = self.clock.callLater(defaults.HANDSHAKE_TIMEOUT, self._handshake_overdue)
 
     def connectionLost(self, reason) -> None:
+        if self._admitted and self._hello is None and _certificate_refused(reason):
+            self.factory.certificate_refused(self.peer_address())
         self._handshake_over()
         super().connectionLost(reason)
 
@@ -98,6 +100,14 @@ class HubLink(Link):
         self.hub.link_lost(session, clean, reason)
 
 
+def _certificate_refused(reason) -> bool:
+    """Whether a connection ended because TLS refused the card's client certificate (not the hub's CA's)."""
+    from OpenSSL.SSL import Error as TLSError
+
+    value = getattr(reason, "value", None)
+    return isinstance(value, TLSError) and "certificate verify failed" in str(value)
+
+
 class HubLinkFactory(Factory):
     """
     Builds L{HubLink}s.  Connections that have not logged in are bounded
@@ -116,6 +126,9 @@ class HubLinkFactory(Factory):
         self.keepalive = keepalive
         self.admission = admission or Admission()
         self._summary = SourceSummary()
+        #: Connections whose client certificate TLS refused (not signed by the hub's CA, expired, ...).
+        self.certificates_refused = 0
+        self._certificate_summary = SourceSummary()
 
     @property
     def handshaking(self) -> int:
@@ -134,6 +147,15 @@ class HubLinkFactory(Factory):
         if self._summary.note(address, now):
             self.log.warn("turned a connection from {address} away: {why}", address=address, why=why)
         return False
+
+    def certificate_refused(self, address: str) -> None:
+        """TLS refused the client certificate of a connection from C{address}: counted, logged once a while."""
+        self.certificates_refused += 1
+        if self._certificate_summary.note(address, self.clock.seconds()):
+            self.log.warn(
+                "refused a card's certificate from {address} at TLS: it does not verify against the hub's CA "
+                "(another hub's certificate, or expired)", address=address,
+            )
 
     def handshake_over(self, address: str) -> None:
         self.admission.done(address)

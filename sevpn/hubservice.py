@@ -245,6 +245,7 @@ class HubService(Service):
             "refusals": hub.refusals,
             "handshaking": self.links.handshaking,
             "turned_away": self.links.turned_away,
+            "certificates_refused": self.links.certificates_refused,
             "resume_window": hub.resume_window,
             "cascades": len(self.cascades.cascades),
             "loops": hub.loops.counters(),

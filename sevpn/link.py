@@ -431,6 +431,16 @@ class Link(Protocol):
     closed.upon(connection_lost, enter=closed, outputs=[_ignore])
 
 
+#: TLS alerts a hub sends when it does not accept a card's client certificate, and what they mean.
+_CERTIFICATE_ALERTS = (
+    ("unknown ca", ": it is not signed by the hub's CA"),
+    ("certificate expired", ": it expired"),
+    ("certificate revoked", ""),
+    ("bad certificate", ""),
+    ("unsupported certificate", ": it is not for client authentication"),
+)
+
+
 def describe_failure(reason) -> str:
     """A failure as a short sentence for the log and the status."""
     value = getattr(reason, "value", reason)
@@ -443,8 +453,12 @@ def describe_failure(reason) -> str:
         from OpenSSL.SSL import Error as TLSError
 
         if isinstance(value, TLSError):
-            if "certificate verify failed" in str(value):
+            text = str(value)
+            if "certificate verify failed" in text:
                 return "the hub's certificate is not signed by the trusted CA (certificate verify failed)"
+            for alert, why in _CERTIFICATE_ALERTS:
+                if alert in text:
+                    return f"the hub does not accept this card's certificate{why} (TLS alert {alert})"
             return f"TLS failed: {value}"
     except ImportError:  # pragma: no cover
         pass

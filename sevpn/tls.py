@@ -195,8 +195,10 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
                 break
             # The end of TLS (clean or not): deliver what came before it,
             # then let Twisted read the ending again and handle it as always.
+            # The error queue is left as this read left it: after a fatal
+            # alert (the hub refusing this card's certificate) it holds the
+            # only record of why, which Twisted's read then reports.
             self._deliver(got)
-            clear()
             return TLSMemoryBIOProtocol._flushReceiveBIO(self)
         self._deliver(got)
         self._flushSendBIO()
