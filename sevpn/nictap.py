@@ -82,13 +82,14 @@ class Options(CommonOptions):
         if any(self[k] for k in _ACCOUNT_FLAGS + _CREDENTIAL_FLAGS):
             if self["account"]:
                 raise usage.UsageError("give either --account or --hub/--user/--ca-file/--password-file, not both")
-            missing = [f"--{k}" for k in _ACCOUNT_FLAGS if not self[k]]
             if self["password-file"] and (self["cert-file"] or self["key-file"]):
                 raise usage.UsageError("give either --password-file or --cert-file/--key-file, not both")
+            missing = [f"--{k}" for k in ("hub", "user") if not self[k]]
             if self["cert-file"] or self["key-file"]:
                 missing += [f"--{k}" for k in ("cert-file", "key-file") if not self[k]]
             elif not self["password-file"]:
                 missing.append("--password-file (or --cert-file and --key-file)")
+            missing += [] if self["ca-file"] else ["--ca-file"]
             if missing:
                 raise usage.UsageError("to connect at start also give " + ", ".join(missing))
             try:

@@ -104,4 +104,4 @@ class Plugins(SynchronousTestCase):
         r = subprocess.run([os.path.join(BIN, "twistd"), "-n", "sevpn-nic", "--hub", "h:1"],
                            capture_output=True, text=True, env=env(), timeout=60)
         self.assertNotEqual(r.returncode, 0)
-        self.assertIn("also give --user, --password-file, --ca-file", r.stdout + r.stderr)
+        self.assertIn("also give --user, --password-file (or --cert-file and --key-file), --ca-file", r.stdout + r.stderr)

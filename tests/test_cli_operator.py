@@ -246,11 +246,11 @@ class Mistakes(Case):
                                      "broadcast_pps": 100}})
         self.assertEqual(users["bob"]["disabled"], True)
         text = self.ok(sevpn("hub", "user", "list", "--state-dir", self.hub)).splitlines()
-        self.assertEqual(text[0].split(), ["HUB", "USER", "STATE", "SESSIONS", "MACS", "RATE", "IN", "RATE", "OUT",
-                                           "BCAST", "PPS"])
-        self.assertEqual(text[1].split(), ["DEFAULT", "alice", "enabled", "2", "4", "10", "Mbit/s", "500", "kbit/s",
-                                           "100"])
-        self.assertEqual(text[2].split(), ["DEFAULT", "bob", "disabled", "-", "-", "-", "-", "-"])
+        self.assertEqual(text[0].split(), ["HUB", "USER", "STATE", "LOGIN", "SESSIONS", "MACS", "RATE", "IN", "RATE",
+                                           "OUT", "BCAST", "PPS"])
+        self.assertEqual(text[1].split(), ["DEFAULT", "alice", "enabled", "password", "2", "4", "10", "Mbit/s", "500",
+                                           "kbit/s", "100"])
+        self.assertEqual(text[2].split(), ["DEFAULT", "bob", "disabled", "password", "-", "-", "-", "-", "-"])
         # a new password keeps the policy; 0 lifts a limit
         self.ok(sevpn("hub", "user", "add", "alice", "--state-dir", self.hub, "--password-file", self.pw))
         self.ok(sevpn("hub", "user", "set", "alice", "--state-dir", self.hub, "--rate-in", "0"))

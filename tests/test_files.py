@@ -187,7 +187,7 @@ class Reading(SynchronousTestCase):
         for content, why in [
             (b"{not json", "is damaged ("),
             (json.dumps({"users": []}).encode(), "it holds no 'users' object"),
-            (json.dumps({"users": {"alice": {}}}).encode(), "user alice has no password hash"),
+            (json.dumps({"users": {"alice": {"password": 5}}}).encode(), "user alice: 'password' must be a password hash"),
             (json.dumps({"users": {"alice": {"password": "x", "policy": {"rate_in": "fast"}}}}).encode(),
              "rate_in must be a whole number"),
             (json.dumps({"users": {"alice": {"password": "x", "policy": 5}}}).encode(), "'policy' must be an object"),
