@@ -452,11 +452,15 @@ class Card:
 
     @_machine.output()
     def _log_refused(self, refused: wire.Refused) -> None:
-        self.last_error = f"the hub refused the connection: {refused.message}"
+        message = refused.message
+        if refused.code == wire.Refusal.AUTH_FAILED and self.account.cert_file:
+            message += (f" (this card logs in with the certificate {self.account.cert_file}: the hub may not have "
+                        f"it for user {self.account.user}, or revoked it)")
+        self.last_error = f"the hub refused the connection: {message}"
         self.log.error(
             "hub {hub} at {addr} refused user {user}: {message}; not retrying until you connect again",
             hub=self.account.hub_name, addr=self.address, user=self.account.user,
-            message=refused.message,
+            message=message,
         )
 
     @_machine.output()

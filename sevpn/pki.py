@@ -217,7 +217,8 @@ def server_tls_options(cert_path: str, key_path: str):
     with open(key_path, "rb") as f:
         key_pem = f.read()
     with open(os.path.join(os.path.dirname(cert_path), CA_FILE), "rb") as f:
-        ca = crypto.X509.from_cryptography(x509.load_pem_x509_certificate(f.read()))
+        ca_cert = x509.load_pem_x509_certificate(f.read())
+    ca = crypto.X509.from_cryptography(ca_cert)  # Twisted's caCerts takes pyOpenSSL's type
     cert = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
     options = ssl.CertificateOptions(
         privateKey=cert.privateKey.original,
@@ -229,7 +230,7 @@ def server_tls_options(cert_path: str, key_path: str):
     )
     context = options.getContext()
     # Named in the certificate request, so a card picks the right certificate.
-    context.add_client_ca(ca)
+    context.add_client_ca(ca_cert)
     # An idle session then holds no TLS record buffers: a hub with a
     # thousand quiet cards stays small.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)

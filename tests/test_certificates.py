@@ -417,6 +417,21 @@ class HubLogin(SynchronousTestCase):
         self.hub.users_changed()
         self.assertTrue(session.ended)
 
+    def test_a_resumed_session_answers_for_the_login_that_resumed_it(self):
+        import base64
+
+        other = record(8)
+        self.lab.state.add_certificate("DEFAULT", "alice", other)
+        session = self.join(self.fp)
+        resume = wire.Resume(session.id, base64.b64encode(session.token).decode(), 0)
+        hello = wire.Hello("DEFAULT", "alice", None, "02:00:00:00:00:09", resume=resume)
+        again, resumed, _ = self.hub.join("192.0.2.9:4001", hello, other.fingerprint)
+        self.assertEqual((again, resumed, again.certificate), (session, True, other.fingerprint))
+        self.lab.state.revoke_certificates("DEFAULT", "alice", self.fp)
+        self.assertEqual(self.hub.users_changed(), ([], []))
+        self.lab.state.revoke_certificates("DEFAULT", "alice", other.fingerprint)
+        self.assertEqual([s for s, _ in self.hub.users_changed()[0]], [session])
+
     def test_nothing_revoked_nothing_ended(self):
         session = self.join(self.fp)
         self.assertEqual(self.hub.users_changed(), ([], []))
@@ -494,7 +509,9 @@ class CertificateLogins(TestCase):
         # the card is told, tries again with the same certificate, and is refused as with a wrong password
         yield eventually(lambda: alice.state == "refused", "the card to be refused")
         self.assertEqual(alice.last_error, "the hub refused the connection: " +
-                         wire.Refusal.MESSAGES[wire.Refusal.AUTH_FAILED])
+                         wire.Refusal.MESSAGES[wire.Refusal.AUTH_FAILED] +
+                         f" (this card logs in with the certificate {self.alice[0]}: the hub may not have it for "
+                         f"user alice, or revoked it)")
         self.assertEqual(self.hub.refusals_by_code, {wire.Refusal.AUTH_FAILED: 1})
         self.assertEqual(list(self.sessions()), ["bob"])
         self.assertEqual(bob.state, "connected")
