@@ -23,7 +23,7 @@ import errno
 import ipaddress
 import os
 import stat
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
