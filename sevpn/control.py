@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import stat
+import sys
 from typing import Callable, Dict
 
 from twisted.internet.defer import maybeDeferred
@@ -32,6 +33,24 @@ class NotRunning(ControlError):
     """Nothing listens on the state dir's control socket."""
 
 
+class Partial:
+    """
+    A command's result with warnings: part of the answer is missing (a hub
+    worker did not answer).  Sent as C{{"ok": true, "result": ...,
+    "warnings": [SENTENCE, ...]}}; L{call} prints the warnings.
+    """
+
+    def __init__(self, result, warnings) -> None:
+        self.result = result
+        self.warnings = list(warnings)
+
+
+def _answer_for(result) -> dict:
+    if isinstance(result, Partial):
+        return {"ok": True, "result": result.result, "warnings": result.warnings}
+    return {"ok": True, "result": result}
+
+
 class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
@@ -48,7 +67,7 @@ class ControlProtocol(LineOnlyReceiver):
             self._answer({"ok": False, "error": "unknown or malformed control request"})
             return
         d = maybeDeferred(command, **args)
-        d.addCallback(lambda result: {"ok": True, "result": result})
+        d.addCallback(_answer_for)
         d.addErrback(self._error)
         d.addCallback(self._answer)
 
@@ -72,8 +91,8 @@ class ControlFactory(Factory):
         self.commands = commands
 
 
-def socket_path(state_dir: str) -> str:
-    return os.path.join(state_dir, SOCKET_NAME)
+def socket_path(state_dir: str, name: str = SOCKET_NAME) -> str:
+    return os.path.join(state_dir, name)
 
 
 def remove_stale(path: str) -> None:
@@ -112,9 +131,9 @@ def remove_stale(path: str) -> None:
         raise ControlError(f"cannot remove the old control socket {path}: {(e.strerror or str(e)).lower()}")
 
 
-def listen(reactor, state_dir: str, commands: Dict[str, Callable]):
-    """Listen on the state dir's control socket, replacing a stale one."""
-    path = socket_path(state_dir)
+def listen(reactor, state_dir: str, commands: Dict[str, Callable], name: str = SOCKET_NAME):
+    """Listen on the state dir's control socket (C{name}: a hub worker's own), replacing a stale one."""
+    path = socket_path(state_dir, name)
     remove_stale(path)
     old = os.umask(0o177)
     try:
@@ -160,4 +179,6 @@ def call(state_dir: str, command: str, timeout: float = 10.0, **args):
         raise ControlError(f"the answer from {path} was not understood")
     if not answer.get("ok"):
         raise ControlError(answer.get("error") or "the request failed")
+    for warning in answer.get("warnings") or ():
+        print(f"warning: {warning}", file=sys.stderr)
     return answer.get("result")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -141,6 +141,8 @@ class Hub:
         self._sweep_call = None
         #: Finds and breaks loops of cascades (see L{sevpn.loops}).
         self.loops = LoopGuard(clock)
+        #: Called with each virtual hub's switch when it is made (C{--workers}: its backplane port).
+        self.vhub_added: List[Callable[[VirtualHub], None]] = []
 
     def vhub(self, name: str) -> VirtualHub:
         vhub = self.vhubs.get(name)
@@ -149,6 +151,8 @@ class Hub:
                 name, self.clock.seconds, max_age=self.max_age, max_macs_per_port=self.max_macs_per_session,
                 allow_moves=self.allow_mac_moves, on_conflict=self._conflict,
             )
+            for added in self.vhub_added:
+                added(vhub)
         return vhub
 
     def start(self) -> None:

@@ -36,6 +36,7 @@ from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
 from sevpn.tls import TLSFactory
 from sevpn.users import HubState, StateError
+from sevpn.workers import WorkersError
 
 
 def listen_descriptions(listen: Sequence[str]) -> List[str]:
@@ -99,6 +100,7 @@ class HubService(Service):
         bridge_force: bool = False,
         fabric: Sequence[Tuple[str, int]] = (),
         worker: int = 0,
+        role=None,
     ) -> None:
         self.busy_poll = busy_poll
         """
@@ -132,6 +134,9 @@ class HubService(Service):
         self.fabric = list(fabric)
         self.worker = worker
         self.fabric_members = []
+        #: With --workers N > 1: this process's part of the node's hub
+        #: (L{sevpn.workers.MainRole} or C{WorkerRole}); None: the one process.
+        self.role = role
 
     def startService(self) -> None:
         reactor = reactor_or_global(self.reactor)
@@ -153,16 +158,20 @@ class HubService(Service):
             self.links = HubLinkFactory(self.hub, reactor, self.keepalive)
             self.cascades = CascadeManager(self.hub, self.state_dir, tls_endpoint_for(reactor), self.keepalive)
             factory = TLSFactory(server_tls_options(cert, key), False, self.links)
-            for description in self.listen:
-                result = []
-                serverFromString(reactor, description).listen(factory).addBoth(result.append)
-                if not result or not hasattr(result[0], "stopListening"):
-                    why = result[0].getErrorMessage() if result else "no answer"
-                    raise StateError(f"cannot listen on {description}: {why}")
-                self.ports.append(result[0])
-            self._attach_bridges(state, reactor)
-            self._attach_fabric(state, reactor)
-            self.control_port = control.listen(
+            if self.role is not None:
+                self.ports = self.role.listen(reactor, self.listen, factory)
+            else:
+                for description in self.listen:
+                    result = []
+                    serverFromString(reactor, description).listen(factory).addBoth(result.append)
+                    if not result or not hasattr(result[0], "stopListening"):
+                        why = result[0].getErrorMessage() if result else "no answer"
+                        raise StateError(f"cannot listen on {description}: {why}")
+                    self.ports.append(result[0])
+            if self.role is None or self.role.main:
+                self._attach_bridges(state, reactor)
+            self._attach_fabric(state, reactor)  # every worker: its TAP is its fabric port
+            self.control_port = (control.listen if self.role is None else self.role.control)(
                 reactor,
                 self.state_dir,
                 {
@@ -176,11 +185,14 @@ class HubService(Service):
                     "fabric": self.fabric_status,
                 },
             )
-            if self.metrics:
+            if self.metrics and (self.role is None or self.role.main):
                 read = partial(read_hub, self.hub, self.links)
                 self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
-            self.cascades.reload()
-        except (StateError, BridgeError, FabricError, control.ControlError, OSError, ValueError) as e:
+            if self.role is None or self.role.main:
+                self.cascades.reload()
+            if self.role is not None:
+                self.role.start(self.hub, reactor, state)
+        except (StateError, BridgeError, FabricError, WorkersError, control.ControlError, OSError, ValueError) as e:
             self._close()
             if self.hub is not None:
                 self.hub.shutdown()  # its sweep timer must not outlive a failed start
@@ -250,6 +262,7 @@ class HubService(Service):
             "cascades": len(self.cascades.cascades),
             "loops": hub.loops.counters(),
             "bridges": describe_bridges(self.bridge_ports),
+            **(self.role.status() if self.role is not None else {}),
         }
 
     def _close(self) -> list:
@@ -272,6 +285,7 @@ class HubService(Service):
         closing = self._close()
         goodbyes = gatherResults([link.when_closed() for link in links] + cascades)
         goodbyes.addTimeout(2, reactor_or_global(self.reactor))
-        done = gatherResults([goodbyes.addErrback(lambda _: None)] + closing)
+        workers = [self.role.stop()] if self.role is not None else []
+        done = gatherResults([goodbyes.addErrback(lambda _: None)] + closing + workers)
         done.addBoth(lambda _: self.log.info("hub stopped"))
         return done

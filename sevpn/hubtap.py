@@ -5,6 +5,7 @@ C{twistd sevpn-hub}: the virtual HUB's command line and service.
 from __future__ import annotations
 
 import re
+import sys
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -49,6 +50,22 @@ def check_listen(description: str) -> str:
 
 
 
+def _workers(text: str) -> int:
+    """The --workers coercer: a sentence naming the option for anything but 1 to MAX_WORKERS."""
+    from sevpn.reuseport import MAX_WORKERS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {text!r}")
+    return value
+
+
+_workers.coerceDoc = "1 (one process) to 1024."
+
+
 class Options(CommonOptions):
     synopsis = "[options]"
     longdesc = "Run a sevpn virtual HUB: a TLS server with one Ethernet switch per virtual hub."
@@ -65,6 +82,9 @@ class Options(CommonOptions):
         ["resume-memory", None, defaults.RESUME_MEMORY >> 20,
          "MiB all sessions' resume buffers may hold together; held sessions give up their oldest first.",
          non_negative(int, "resume-memory")],
+        ["workers", None, 1,
+         "Hub processes sharing the listening port, one per core (each card's address always reaches the same "
+         "one; they meet in a Linux bridge per virtual hub: needs CAP_NET_ADMIN).", _workers],
         ["metrics", None, None,
          "Serve Prometheus metrics (/metrics) and a status page (/) on this endpoint, e.g. "
          "tcp:9100:interface=127.0.0.1 (default: off; loopback only unless --metrics-public)."],
@@ -86,10 +106,23 @@ class Options(CommonOptions):
         self["bridge-tap"] = []
         self["fabric"] = []
 
+    def parseOptions(self, options=None) -> None:
+        #: The options as given: the workers of --workers parse them alike.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
         super().postOptions()
         if self["metrics-public"] and not self["metrics"]:
             raise usage.UsageError("--metrics-public needs --metrics ENDPOINT")
+        if self["workers"] > 1:
+            from sevpn.reuseport import ListenError, parse_endpoint
+
+            for description in self["listen"]:
+                try:
+                    parse_endpoint(description)
+                except ListenError as e:
+                    raise usage.UsageError(str(e))
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:5555 or tcp6:5555 (repeatable; default: IPv6 and IPv4 on 5555)."""
@@ -139,6 +172,12 @@ class Options(CommonOptions):
 def makeService(config: Options) -> IService:
     from sevpn.hubservice import HubService
 
+    workers = config["workers"]
+    role = None
+    if workers > 1:
+        from sevpn.workers import MainRole
+
+        role = MainRole(workers, config.argv)
     return HubService(
         state_dir=config["state-dir"],
         listen=config["listen"] or defaults.LISTEN,
@@ -151,7 +190,8 @@ def makeService(config: Options) -> IService:
         limits={
             "max_sessions_per_user": config["max-sessions-per-user"],
             "max_macs_per_session": config["max-macs"],
-            "resume_memory": config["resume-memory"] << 20,
+            # the node's bound, shared by its workers
+            "resume_memory": (config["resume-memory"] << 20) // workers,
             "allow_mac_moves": bool(config["allow-mac-moves"]),
         },
         metrics=config["metrics"],
@@ -160,4 +200,5 @@ def makeService(config: Options) -> IService:
         bridge_taps=config["bridge-tap"],
         bridge_force=config["bridge-force"],
         fabric=config["fabric"],
+        role=role,
     )

@@ -496,3 +496,11 @@ def interface_addresses(ifindex: int, timeout: float = 5.0) -> List[str]:
                         found.append(address)
     finally:
         sock.close()
+
+
+# the codec's pieces, for other rtnetlink requests (sevpn.backplane's links) --------
+
+#: One attribute (type, payload) with its padding; the attributes of a message body from an offset.
+attribute = _attr
+attributes = _attributes
+NLMSGHDR = _NLMSGHDR
