@@ -184,4 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's own copy, not __main__'s: its log lines then read sevpn.worker.*.
+    from sevpn import worker
+
+    sys.exit(worker.main())

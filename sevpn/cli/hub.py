@@ -251,13 +251,14 @@ def hub_sessions(args) -> None:
     if args.json:
         print_json(rows)
         return
-    table(
-        rows,
-        ["id", "kind", "hub", "user", "peer", "state", "uptime", "bytes_in", "bytes_out", "frames_in", "frames_out",
-         "resumes", "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"],
-        ["id", "kind", "hub", "user", "peer", "state", "uptime", "in", "out", "frames in", "frames out",
-         "resumes", "held", "resent", "dropped", "congestion"],
-    )
+    keys = ["id", "kind", "hub", "user", "peer", "state", "uptime", "bytes_in", "bytes_out", "frames_in", "frames_out",
+            "resumes", "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"]
+    headers = ["id", "kind", "hub", "user", "peer", "state", "uptime", "in", "out", "frames in", "frames out",
+               "resumes", "held", "resent", "dropped", "congestion"]
+    if any("worker" in row for row in rows):  # a hub with --workers: where each session is
+        keys.insert(1, "worker")
+        headers.insert(1, "worker")
+    table(rows, keys, headers)
 
 
 def hub_macs(args) -> None:
@@ -281,8 +282,13 @@ def hub_status(args) -> None:
     if args.json:
         print_json(info)
         return
+    workers = info.pop("workers", None)  # a hub with --workers: one row each
+    info.pop("backplane", None)
     fields(info, ["version", "state_dir", "listen", "virtual_hubs", "sessions", "handshaking", "turned_away",
                   "refusals", "resume_window"])
+    if workers:
+        print("workers:")
+        table(workers, ["worker", "pid", "state", "restarts", "sessions", "handshaking", "refusals"])
 
 
 def hub_ca(args) -> None:
