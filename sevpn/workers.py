@@ -108,7 +108,7 @@ STOP_TIMEOUT = 10.0
 #: that ran L{STABLE} seconds starts over at the first.
 RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE = 60.0
-#: A longer line on a log stream is cut there.
+#: A longer line on a log stream is dropped (and counted).
 MAX_LOG_LINE = 64 * 1024
 #: Control commands the main process answers alone (what only it runs).
 MAIN_ONLY = ("cascades", "cascade-reload")
@@ -186,8 +186,9 @@ class LogStream:
         self.on_message = on_message
         self.publish = publish
         self.buffer = b""
+        self.skipping = False
         self.closed = False
-        #: Lines cut at L{MAX_LOG_LINE} or not understood.
+        #: Lines longer than L{MAX_LOG_LINE} (dropped) or not understood.
         self.bad_lines = 0
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
@@ -210,14 +211,20 @@ class LogStream:
             self.feed(data)
 
     def feed(self, data: bytes) -> None:
+        if self.skipping:  # the rest of a line that was too long
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data = data[end + 1:]
+            self.skipping = False
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > MAX_LOG_LINE:
-            lines.append(self.buffer[:MAX_LOG_LINE])
-            self.buffer = b""
-            self.bad_lines += 1
         for line in lines:
             self._line(line)
+        if len(self.buffer) > MAX_LOG_LINE:
+            self.buffer = b""
+            self.skipping = True
+            self.bad_lines += 1
 
     def _line(self, line: bytes) -> None:
         if not line.strip():
