@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOURCES := $(shell find sevpn twisted -name '*.py') setup.cfg pyproject.toml
 
-.PHONY: all demo demo-fabric test bench bench-fabric soak system-deps install clean
+.PHONY: all demo demo-fabric test bench bench-fabric bench-workers soak system-deps install clean
 
 all: install
 
@@ -60,6 +60,11 @@ bench: system-deps install
 # Cards on two hub nodes (VXLAN between them) beside cards on one node.
 bench-fabric: system-deps install
 	$(PY) scripts/bench_fabric.py
+
+# What --workers buys: PAIRS card pairs at once through 1 and each of WORKERS
+# hub workers (make bench-workers WORKERS=1,2 DUR=10 PAIRS=2); the ratio.
+bench-workers: system-deps install
+	$(PY) scripts/bench_workers.py
 
 # Ten minutes of chaos (cuts, restarts, a hostile user) under honest traffic; not in CI.
 soak: system-deps install

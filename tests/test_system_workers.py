@@ -16,35 +16,12 @@ import sys
 import time
 
 from scripts.netns import Topology, env, sevpn, transfer, transfer_result, wait_for
-from sevpn.reuseport import worker_for
+from scripts.workers_topology import PlacedTopology
 from tests.test_system import SystemTestCase
 
 WORKERS = 2
 #: The worker each card host's address maps to.
 PLACEMENT = {1: 0, 2: 1, 3: 0}
-
-
-class WorkersTopology(Topology):
-    prefix = "wk"
-
-    def host_addr(self, i: int) -> str:
-        """The first address of host C{i}'s subnet that the kernel hands to the worker of L{PLACEMENT}."""
-        for last in range(2, 255):
-            address = f"10.{self.subnet}.{i}.{last}"
-            if i not in PLACEMENT or worker_for(address, WORKERS) == PLACEMENT[i]:
-                return address
-        raise AssertionError(f"no address for host {i}")
-
-    def mac(self, i: int) -> str:
-        return json.loads(self.run(self.host(i), "ip", "-j", "link", "show", "sv0"))[0]["address"]
-
-    def hub_status(self) -> dict:
-        return json.loads(sevpn("hub", "status", "--json", "--state-dir", self.hub_state).stdout)
-
-    def start_workers(self) -> None:
-        self.start_hub("--workers", str(WORKERS))
-        wait_for(lambda: [w["state"] for w in self.hub_status().get("workers", [])] == ["running"] * WORKERS,
-                 30, f"{WORKERS} workers (hub log: {self.log('hub')[-2000:]})")
 
 
 def capture(topo, i: int, marker: str, seconds: float = 4.0) -> subprocess.Popen:
@@ -73,7 +50,7 @@ class Workers(SystemTestCase):
 
     @classmethod
     def make_topology(cls) -> Topology:
-        return WorkersTopology(cls.hosts)
+        return PlacedTopology(cls.hosts, WORKERS, PLACEMENT)
 
     @classmethod
     def start(cls, topo):
