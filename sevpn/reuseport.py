@@ -208,8 +208,8 @@ def parse_endpoint(description: str) -> Endpoint:
     return Endpoint(description, family, host, port, backlog)
 
 
-def _socket(endpoint: Endpoint, port: int, reuseport: bool) -> socket.socket:
-    sock = socket.socket(endpoint.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+def _socket(endpoint: Endpoint, port: int, reuseport: bool, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    sock = socket.socket(endpoint.family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuseport:
@@ -221,20 +221,24 @@ def _socket(endpoint: Endpoint, port: int, reuseport: bool) -> socket.socket:
     return sock
 
 
-def listening_group(endpoint: Endpoint, workers: int) -> List[socket.socket]:
+def listening_group(endpoint: Endpoint, workers: int, kind: int = socket.SOCK_STREAM) -> List[socket.socket]:
     """
     C{workers} listening sockets sharing C{endpoint} (non-blocking,
     close-on-exec), socket I{k} at index I{k} of the group, with the
     program attached.  Whoever holds them keeps the group's indices
     stable: a socket that closes leaves a hole the kernel fills with the
     last one.  Raises L{ListenError} with a sentence.
+
+    @param kind: C{SOCK_DGRAM} makes a group of UDP sockets on the same
+        terms (a card's datagrams reach the worker its TCP connection
+        does, as long as both come from one address).
     """
     where = f"cannot listen on {endpoint.description}"
     # Nobody else may be in the group: a socket of someone else's (the same
     # user's, with SO_REUSEPORT) would take part of our indices.  A socket
     # without SO_REUSEPORT cannot bind where anybody listens.
     try:
-        probe = _socket(endpoint, endpoint.port, reuseport=False)
+        probe = _socket(endpoint, endpoint.port, reuseport=False, kind=kind)
     except OSError as e:
         raise ListenError(f"{where}: {e.strerror}")
     port = probe.getsockname()[1]
@@ -242,9 +246,10 @@ def listening_group(endpoint: Endpoint, workers: int) -> List[socket.socket]:
     sockets: List[socket.socket] = []
     try:
         for _ in range(workers):
-            sock = _socket(endpoint, port, reuseport=True)
+            sock = _socket(endpoint, port, reuseport=True, kind=kind)
             sockets.append(sock)
-            sock.listen(endpoint.backlog)
+            if kind == socket.SOCK_STREAM:
+                sock.listen(endpoint.backlog)
         attach_program(sockets[0], workers)
     except OSError as e:
         for sock in sockets:

@@ -242,6 +242,30 @@ class KernelTests(SynchronousTestCase):
             self.assertEqual(seen[source], [worker_for(source, 2)] * 4, source)
         self.assertEqual({i for indices in seen.values() for i in indices}, {0, 1})
 
+    def test_udp_datagrams_go_where_the_cards_tcp_goes(self):
+        with in_netns(self.ns):
+            group = listening_group(parse_endpoint("tcp:0:interface=127.0.0.1"), 3, kind=socket.SOCK_DGRAM)
+            self.addCleanup(lambda: [s.close() for s in group])
+            port = group[0].getsockname()[1]
+            sources = [f"127.0.0.{i}" for i in range(1, 8)]
+            for source in sources:
+                for n in range(3):
+                    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    client.bind((source, 0))  # a new source port each time
+                    client.sendto(b"x", ("127.0.0.1", port))
+                    client.close()
+            time.sleep(0.1)
+            seen = {}
+            for index, sock in enumerate(group):
+                while True:
+                    try:
+                        _, peer = sock.recvfrom(100)
+                    except BlockingIOError:
+                        break
+                    seen.setdefault(peer[0], []).append(index)
+        for source in sources:
+            self.assertEqual(seen[source], [worker_for(source, 3)] * 3, source)
+
     def test_a_port_in_use_is_refused_with_a_sentence(self):
         with in_netns(self.ns):
             taken = socket.socket()

@@ -268,7 +268,8 @@ def hub_macs(args) -> None:
         return
     for hub, info in macs.items():
         print(f"virtual hub {hub}:")
-        table(info["macs"], ["mac", "port", "age"])
+        table(info["macs"], ["mac", "worker", "port", "age"] if any("worker" in m for m in info["macs"])
+              else ["mac", "port", "age"])
         c = info["counters"]
         print(f"  frames flooded {c['flooded']}, sent to one port {c['unicast']}, filtered {c['filtered']}; "
               f"dropped: MAC limit {c['mac_limit_drops']}, MAC taken {c['mac_conflicts']}, "
