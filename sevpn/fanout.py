@@ -16,6 +16,9 @@ answers are merged (L{merge}):
    counters summed;
  - C{status}: the main process's, with the counts summed over workers
    and a C{workers} list (each worker's pid, state and figures);
+ - C{reading} (what C{--metrics} serves, L{sevpn.metrics.read_hub}): the
+   hub's figures and switch counters summed, every worker's sessions and
+   ports;
  - anything else: lists joined, numbers summed, dictionaries merged key by
    key, other values the main process's.
 
@@ -217,10 +220,38 @@ def merge_status(answers: Answers, workers: Sequence[dict] = ()) -> dict:
     return base
 
 
+def merge_readings(answers: Answers) -> dict:
+    """
+    The metrics reading (L{sevpn.metrics.read_hub}) of the whole node:
+    the hub's figures summed (the resume window is one), per virtual hub
+    the switch counters summed, the MACs as L{merge_macs} shows them, and
+    every worker's sessions and ports, each with its C{worker}.
+    """
+    readings = dict(answers)
+    base = readings.get(0) or next(iter(readings.values()))
+    hub = merge_values([r["hub"] for r in readings.values()])
+    hub["resume_window"] = base["hub"]["resume_window"]
+    vhubs: Dict[str, dict] = {}
+    for k, reading in answers:
+        for v in reading["virtual_hubs"]:
+            into = vhubs.setdefault(v["name"], {"name": v["name"], "switch": [], "mac_table_limit": v["mac_table_limit"],
+                                                 "macs": [], "conflicts": [], "sessions": [], "ports": []})
+            into["switch"].append(v["switch"])
+            into["macs"].append((k, {"macs": v["macs"]}))
+            for key in ("conflicts", "sessions", "ports"):
+                into[key] += _tagged(v[key], k)
+    for name, v in vhubs.items():
+        v["switch"] = merge_values([c for c in v["switch"] if c]) if any(v["switch"]) else {}
+        v["macs"] = merge_macs([(k, {name: table}) for k, table in v["macs"]])[name]["macs"]
+    return {"time": max(r["time"] for r in readings.values()), "hub": hub,
+            "virtual_hubs": [vhubs[name] for name in sorted(vhubs)]}
+
+
 #: The merge of each command whose answer has a shape of its own.
 MERGES: Dict[str, Callable[[Answers], object]] = {
     "sessions": merge_sessions,
     "macs": merge_macs,
+    "reading": merge_readings,
 }
 
 
@@ -284,6 +315,16 @@ class FanOut:
             return DeferredList(calls, consumeErrors=True).addCallback(done)
 
         return run
+
+    def reading(self, local: Callable[[], dict]) -> Callable[[], Deferred]:
+        """The metrics listener's C{read}: every worker's reading, merged (a silent worker's left out)."""
+        command = self.command("reading", local)
+
+        def read() -> Deferred:
+            return command().addCallback(lambda result: result.result if isinstance(result, control.Partial)
+                                         else result)
+
+        return read
 
     def wrap(self, commands: Dict[str, Callable], local_only: Sequence[str] = ()) -> Dict[str, Callable]:
         """C{commands} with each one not in C{local_only} answering for every worker."""

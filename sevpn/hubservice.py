@@ -183,10 +183,13 @@ class HubService(Service):
                     "users-changed": self.users_changed,
                     "kick": self.kick,
                     "fabric": self.fabric_status,
+                    "reading": partial(read_hub, self.hub, self.links),
                 },
             )
             if self.metrics and (self.role is None or self.role.main):
                 read = partial(read_hub, self.hub, self.links)
+                if self.role is not None:
+                    read = self.role.reading(read)
                 self.metrics_port = web.listen(reactor, self.metrics, read, public=self.metrics_public)
             if self.role is None or self.role.main:
                 self.cascades.reload()

@@ -331,12 +331,12 @@ class Views:
     def make(self, render: Callable, *args) -> Deferred:
         """C{render(reading, rates, *args)} in a worker thread, after the views before it."""
 
-        def now():
-            reading = self.read()
+        def rendered(reading):
             rates = self.meter.rates(reading)
             return deferToThreadPool(self.reactor, self.pool, render, reading, rates, *args)
 
-        return self.lock.run(now)
+        # a hub with --workers reads every worker: the reading may come later
+        return self.lock.run(lambda: maybeDeferred(self.read).addCallback(rendered))
 
 
 class View(Resource):

@@ -56,8 +56,8 @@ The process model, and why:
  - B{The main process alone} runs what must exist once per node: local
    bridges (C{--bridge}, C{--bridge-tap}: two AF_PACKET sockets on one
    LAN would loop through the backplane), cascades (one dial per cascade,
-   not N), the metrics listener (its figures are worker 0's).  It answers
-   C{control.sock} for all workers (L{sevpn.fanout}).
+   not N), the metrics listener (its reading is every worker's, merged).
+   It answers C{control.sock} for all workers (L{sevpn.fanout}).
 
  - B{The backplane} (L{sevpn.backplane}): every process, main included,
    has a TAP port per virtual hub in the virtual hub's Linux bridge, so
@@ -350,6 +350,7 @@ class MainRole(_Role):
         self.stopping = False
         self.state = None
         self.made_bridges: List[Backplane] = []
+        self.fanout: Optional[FanOut] = None
         self._untag: Optional[Callable[[], None]] = None
         self.links = Links()
 
@@ -370,8 +371,12 @@ class MainRole(_Role):
     def control(self, reactor, state_dir: str, commands: Dict[str, Callable]):
         self.reactor = reactor
         self.state_dir = state_dir
-        fanout = FanOut(reactor, state_dir, self.count, self.describe_workers)
-        return control.listen(reactor, state_dir, fanout.wrap(commands, MAIN_ONLY))
+        self.fanout = FanOut(reactor, state_dir, self.count, self.describe_workers)
+        return control.listen(reactor, state_dir, self.fanout.wrap(commands, MAIN_ONLY))
+
+    def reading(self, local: Callable[[], dict]) -> Callable:
+        """What C{--metrics} serves: every worker's reading (after L{control})."""
+        return self.fanout.reading(local)
 
     def start(self, hub, reactor, state) -> None:
         """Bridges, this process's backplane ports, then every worker, ready (blocking: start-up)."""

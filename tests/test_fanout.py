@@ -152,3 +152,38 @@ class FanOutTests(TestCase):
     async def test_what_only_the_main_process_runs_is_not_asked(self):
         result, err = await self.call("cascades")
         self.assertEqual((result, err), (["only here"], ""))
+
+
+class ReadingTests(SynchronousTestCase):
+    """What --metrics serves with workers: the node, not worker 0."""
+
+    def reading(self, worker, sessions, frames):
+        return {
+            "time": 100.0 + worker,
+            "hub": {"sessions": len(sessions), "sessions_limit": 4096, "handshaking": 1, "turned_away": 0,
+                    "refusals": {"bad-password": worker}, "resume_window": 60.0, "resume_memory": 10,
+                    "resume_memory_limit": 100},
+            "virtual_hubs": [{
+                "name": "DEFAULT", "mac_table_limit": 4096,
+                "switch": {"flooded": frames, "unicast": 1, "macs": 2},
+                "macs": [row(f"02:00:00:00:00:0{worker}", sessions[0]),
+                         row(f"02:00:00:00:00:0{1 - worker}", f"backplane:vs-DEFAULT-{worker}")],
+                "conflicts": [],
+                "sessions": [{"id": s, "user": f"u{worker}"} for s in sessions],
+                "ports": [{"name": f"backplane:vs-DEFAULT-{worker}", "kind": "TapPort", "macs": 1}],
+            }],
+        }
+
+    def test_every_workers_sessions_and_the_sums(self):
+        merged = combine("reading", [(0, True, self.reading(0, ["s-a"], 5)), (1, True, self.reading(1, ["s-b"], 7))])
+        self.assertEqual(merged["time"], 101.0)
+        self.assertEqual(merged["hub"]["sessions"], 2)
+        self.assertEqual(merged["hub"]["sessions_limit"], 8192)  # each worker has its own
+        self.assertEqual(merged["hub"]["refusals"], {"bad-password": 1})
+        self.assertEqual(merged["hub"]["resume_window"], 60.0)
+        [vhub] = merged["virtual_hubs"]
+        self.assertEqual(vhub["switch"], {"flooded": 12, "unicast": 2, "macs": 4})
+        self.assertEqual([(s["id"], s["worker"]) for s in vhub["sessions"]], [("s-a", 0), ("s-b", 1)])
+        self.assertEqual([p["name"] for p in vhub["ports"]], ["backplane:vs-DEFAULT-0", "backplane:vs-DEFAULT-1"])
+        self.assertEqual([(m["mac"], m["port"]) for m in vhub["macs"]],
+                         [("02:00:00:00:00:00", "s-a"), ("02:00:00:00:00:01", "s-b")])

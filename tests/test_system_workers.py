@@ -56,7 +56,7 @@ class Workers(SystemTestCase):
     def start(cls, topo):
         for i in PLACEMENT:
             topo.add_user(f"u{i}")
-        topo.start_workers()
+        topo.start_workers("--metrics", "tcp:9100:interface=127.0.0.1")
         for i in PLACEMENT:
             topo.start_card(i)
         for i in PLACEMENT:
@@ -141,6 +141,19 @@ class Workers(SystemTestCase):
         self.assertEqual(resumed["frames_dropped"], 0)
         self.assertRegex(topo.log("hub"), rf"\[worker 1 sevpn\.hub\.Hub#info\] session {held['id']} of u2 "
                                           r"on DEFAULT resumed")
+
+    def test_g_metrics_cover_every_worker(self):
+        topo = self.topo
+        fetch = ("import sys, urllib.request; "
+                 "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9100' + sys.argv[1]).read().decode())")
+        reading = json.loads(topo.run(topo.hub_ns, sys.executable, "-c", fetch, "/status.json"))
+        self.assertEqual(reading["hub"]["sessions"], 3)
+        [vhub] = reading["virtual_hubs"]
+        self.assertEqual(sorted((s["user"], s["worker"]) for s in vhub["sessions"]), [("u1", 0), ("u2", 1), ("u3", 0)])
+        [u2] = [s for s in vhub["sessions"] if s["user"] == "u2"]
+        metrics = topo.run(topo.hub_ns, sys.executable, "-c", fetch, "/metrics")
+        self.assertRegex(metrics, rf'sevpn_session_frames_total{{[^}}]*session="{u2["id"]}"')
+        self.assertIn('sevpn_sessions{hub="DEFAULT",state="connected"} 3.0', metrics)
 
     def test_y_stopping_the_main_process_stops_every_worker(self):
         topo = self.topo
