@@ -429,6 +429,15 @@ class WorkerBackplane:
         except BackplaneError as e:
             self.log.error("{why}; its cards on this worker do not reach those on other workers", why=str(e))
 
+    def port(self, hub: str):
+        """This worker's port in virtual hub C{hub}'s bridge, or None."""
+        entry = self.ports.get(hub)
+        return entry[1] if entry is not None else None
+
+    def owns(self, port) -> bool:
+        """Whether C{port} is one of this worker's backplane ports."""
+        return any(port is tap for _, tap, _ in self.ports.values())
+
     def close(self) -> None:
         for vhub, tap, _ in self.ports.values():
             vhub.remove_port(tap)

@@ -143,6 +143,8 @@ class Hub:
         self.loops = LoopGuard(clock)
         #: Called with each virtual hub's switch when it is made (C{--workers}: its backplane port).
         self.vhub_added: List[Callable[[VirtualHub], None]] = []
+        #: Called with each fresh (not resumed) session once it joined (C{--workers}: the other workers hear of it).
+        self.joined: List[Callable[[HubSession], None]] = []
 
     def vhub(self, name: str) -> VirtualHub:
         vhub = self.vhubs.get(name)
@@ -287,6 +289,8 @@ class Hub:
             user=hello.user, hub=hello.hub, peer=peer, id=session.id,
             how=f" with certificate {certificate}" if certificate else "",
         )
+        for joined in self.joined:
+            joined(session)
         return session, False, 0
 
     def welcome(self, session: HubSession, resumed: bool) -> wire.Welcome:
@@ -350,6 +354,19 @@ class Hub:
         for old in list(self.sessions.values()):
             if old.held and old.user == user and old.vhub.name == hub and old.card_mac == card_mac:
                 self.end_session(old, "replaced by a new login of the same card")
+
+    def end_card(self, user: str, hub: str, card_mac: bytes, why: str) -> List[HubSession]:
+        """
+        The card (C{user} with C{card_mac}) logged in afresh elsewhere (on
+        another worker of this node, C{--workers}): end its sessions here,
+        held or not (a connection of its that still looks alive is a dead
+        one not noticed yet), with a goodbye saying C{why}.
+        """
+        ended = [s for s in self.sessions.values()
+                 if s.user == user and s.vhub.name == hub and s.card_mac == card_mac and not s.cascade]
+        for session in ended:
+            self.end_with_goodbye(session, why)
+        return ended
 
     def _replaced(self, session: HubSession) -> bool:
         """Whether the same card (user and MAC) joined in a newer session."""

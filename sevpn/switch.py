@@ -366,6 +366,14 @@ class VirtualHub:
             del self.conflicts[mac]
         return len(old)
 
+    def release(self, mac: bytes, port: IPort) -> bool:
+        """Forget C{mac} if C{port} owns it (it is known to be elsewhere now); whether it did."""
+        entry = self.table.get(mac)
+        if entry is None or entry.port is not port:
+            return False
+        self._forget(mac, entry)
+        return True
+
     def lookup(self, mac: bytes) -> Optional[IPort]:
         entry = self.table.get(mac)
         if entry is None or self.clock() - entry.seen > self.max_age:

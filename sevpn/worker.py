@@ -169,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pipe.message("fatal", why=str(e))
         return 1
     service = hubtap.makeService(config)
-    service.role = WorkerRole(index, sockets, service.role.segments if service.role is not None else ())
+    service.role = WorkerRole(index, config["workers"], sockets,
+                              service.role.segments if service.role is not None else ())
     Lifeline(reactor)
     try:
         service.startService()

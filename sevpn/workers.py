@@ -82,7 +82,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
@@ -93,7 +93,8 @@ from sevpn.backplane import (
     Backplane, BackplaneError, Links, WorkerBackplane, backplane_for, ensure_bridge, netfilter_warning, remove_bridge,
 )
 from sevpn.fabric import Segment
-from sevpn.fanout import FanOut, socket_path
+from sevpn.fanout import FanOut, ask, socket_path
+from sevpn.mac import InvalidMAC, format_mac, parse_mac
 from sevpn.reuseport import ListenError, listening_group, parse_endpoint
 
 #: The module a worker process runs (L{sevpn.worker}).
@@ -110,8 +111,8 @@ RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE = 60.0
 #: A longer line on a log stream is dropped (and counted).
 MAX_LOG_LINE = 64 * 1024
-#: Control commands the main process answers alone (what only it runs).
-MAIN_ONLY = ("cascades", "cascade-reload")
+#: Control commands the main process answers alone (what only it runs, and what workers ask each other).
+MAIN_ONLY = ("cascades", "cascade-reload", "card-moved")
 #: What a worker must not inherit: systemd talks to the main process only.
 PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
                        "WATCHDOG_PID")
@@ -266,20 +267,43 @@ class LogStream:
 
 
 class _Role:
-    """What every process of a multi-worker hub does: its backplane ports."""
+    """
+    What every process of a multi-worker hub does: its backplane ports,
+    and a card that moves between workers.
+
+    A card that comes back from another address lands on another worker
+    and logs in afresh there (that worker cannot resume a session it does
+    not hold).  Its old session, on its old worker, would keep the card's
+    MAC there for the resume window, and its new worker would have the MAC
+    behind its backplane port (learned from the card's earlier frames) for
+    the MAC table's age: the card's frames would be dropped as a MAC
+    conflict on both.  So each fresh login of a card is told to the other
+    workers (C{card-moved}): they end that card's sessions (same user, same
+    MAC) and say whether the MAC belongs to a live port of theirs (another
+    user's card, a host behind a local bridge); if none does, the new
+    worker takes the MAC from its backplane port for the new session.
+    """
 
     main = False
+    log = Logger()
 
-    def __init__(self, index: int, segments: Sequence[Segment] = ()) -> None:
+    def __init__(self, index: int, workers: int, segments: Sequence[Segment] = ()) -> None:
         self.index = index
+        self.count = workers
         #: The fabric's segments: their virtual hubs' backplane is their fabric bridge.
         self.segments = tuple(segments)
         self.backplane: Optional[WorkerBackplane] = None
+        self.hub = None
+        self.reactor = None
+        self.state_dir = ""
+        #: How a worker asks another (L{sevpn.fanout.ask}; tests give their own).
+        self.ask = ask
 
     def plan(self, hub: str) -> Backplane:
         return backplane_for(hub, self.segments)
 
     def _attach_backplane(self, hub, reactor, state) -> None:
+        self.hub = hub
         self.backplane = WorkerBackplane(self.index, reactor, self.plan)
         try:
             for name in state.hubs():
@@ -288,17 +312,67 @@ class _Role:
             self.backplane.close()
             raise WorkersError(str(e))
         hub.vhub_added.append(self.backplane.vhub_added)
+        hub.joined.append(self.joined)
+
+    def _commands(self, commands: Dict[str, Callable]) -> Dict[str, Callable]:
+        return dict(commands, **{"card-moved": self.card_moved})
 
     def status(self) -> dict:
         """This process's part of C{sevpn hub status}."""
         return {"worker": self.index, "backplane": self.backplane.describe() if self.backplane else []}
 
+    # a card that moved ---------------------------------------------------------------
+
+    def card_moved(self, user: str, hub: str, mac: str) -> dict:
+        """
+        The C{card-moved} command: the card logged in on another worker.
+        End its sessions here; say how many, and whether its MAC is a live
+        port's here all the same.
+        """
+        try:
+            card_mac = parse_mac(mac)
+        except InvalidMAC:
+            raise control.ControlError(f"{mac!r} is not a MAC address")
+        ended = self.hub.end_card(str(user), str(hub), card_mac,
+                                  "its card logged in again on another worker of this hub")
+        vhub = self.hub.vhubs.get(hub)
+        owner = vhub.lookup(card_mac) if vhub is not None else None
+        return {"ended": len(ended), "live": owner is not None and not self.backplane.owns(owner)}
+
+    def joined(self, session) -> None:
+        """The hub's hook for a fresh session: tell the other workers (see the class docstring)."""
+        if session.card_mac is None or session.cascade or self.count < 2:
+            return
+        args = {"user": session.user, "hub": session.vhub.name, "mac": format_mac(session.card_mac)}
+        asked = [self.ask(self.reactor, self.state_dir, k, "card-moved", args)
+                 for k in range(self.count) if k != self.index]
+        DeferredList(asked, consumeErrors=True).addCallback(self._told, session)
+
+    def _told(self, results, session) -> None:
+        if session.ended:
+            return
+        answers = [value for ok, value in results if ok and isinstance(value, dict)]
+        ended = sum(int(a.get("ended", 0)) for a in answers)
+        mac = format_mac(session.card_mac)
+        if any(a.get("live") for a in answers):
+            self.log.warn("MAC {mac} of {user}'s new session {id} belongs to a live port on another worker; "
+                          "it stays there", mac=mac, user=session.user, id=session.id)
+            return
+        port = self.backplane.port(session.vhub.name) if self.backplane is not None else None
+        released = port is not None and session.vhub.release(session.card_mac, port)
+        if released:
+            session.vhub.claim(session.card_mac, session.port)
+        if ended or released:
+            self.log.info("the card of {user} (MAC {mac}) moved to this worker in session {id}; "
+                          "{ended} session(s) of it on other workers ended",
+                          user=session.user, mac=mac, id=session.id, ended=ended)
+
 
 class WorkerRole(_Role):
     """A worker process's part: its inherited sockets and its own control socket."""
 
-    def __init__(self, index: int, sockets: Sequence[int], segments: Sequence[Segment] = ()) -> None:
-        super().__init__(index, segments)
+    def __init__(self, index: int, workers: int, sockets: Sequence[int], segments: Sequence[Segment] = ()) -> None:
+        super().__init__(index, workers, segments)
         self.sockets = list(sockets)
 
     def listen(self, reactor, descriptions: Sequence[str], factory) -> list:
@@ -314,7 +388,10 @@ class WorkerRole(_Role):
         return ports
 
     def control(self, reactor, state_dir: str, commands: Dict[str, Callable]):
-        return control.listen(reactor, state_dir, commands, name=os.path.basename(socket_path(state_dir, self.index)))
+        self.reactor = reactor
+        self.state_dir = state_dir
+        return control.listen(reactor, state_dir, self._commands(commands),
+                              name=os.path.basename(socket_path(state_dir, self.index)))
 
     def start(self, hub, reactor, state) -> None:
         self._attach_backplane(hub, reactor, state)
@@ -339,14 +416,11 @@ class MainRole(_Role):
 
     def __init__(self, workers: int, argv: Sequence[str], segments: Sequence[Segment] = (),
                  python: str = sys.executable) -> None:
-        super().__init__(0, segments)
-        self.count = workers
+        super().__init__(0, workers, segments)
         self.argv = list(argv)
         self.python = python
         self.groups: List[list] = []
         self.workers: Dict[int, WorkerProcess] = {}
-        self.reactor = None
-        self.state_dir = ""
         self.stopping = False
         self.state = None
         self.made_bridges: List[Backplane] = []
@@ -372,7 +446,7 @@ class MainRole(_Role):
         self.reactor = reactor
         self.state_dir = state_dir
         self.fanout = FanOut(reactor, state_dir, self.count, self.describe_workers)
-        return control.listen(reactor, state_dir, self.fanout.wrap(commands, MAIN_ONLY))
+        return control.listen(reactor, state_dir, self.fanout.wrap(self._commands(commands), MAIN_ONLY))
 
     def reading(self, local: Callable[[], dict]) -> Callable:
         """What C{--metrics} serves: every worker's reading (after L{control})."""

@@ -17,6 +17,7 @@ import time
 
 from scripts.netns import Topology, env, sevpn, transfer, transfer_result, wait_for
 from scripts.workers_topology import PlacedTopology
+from sevpn.reuseport import worker_for
 from tests.test_system import SystemTestCase
 
 WORKERS = 2
@@ -154,6 +155,35 @@ class Workers(SystemTestCase):
         metrics = topo.run(topo.hub_ns, sys.executable, "-c", fetch, "/metrics")
         self.assertRegex(metrics, rf'sevpn_session_frames_total{{[^}}]*session="{u2["id"]}"')
         self.assertIn('sevpn_sessions{hub="DEFAULT",state="connected"} 3.0', metrics)
+
+    def test_h_a_card_that_changes_address_moves_to_its_new_worker(self):
+        topo = self.topo
+        host = topo.host(2)
+        old_address = topo.host_addr(2)
+        subnet = old_address.rsplit(".", 1)[0]
+        for back in (False, True):  # to worker 0, then home to worker 1
+            if not back:
+                new_address = next(f"{subnet}.{n}" for n in range(100, 250) if worker_for(f"{subnet}.{n}", WORKERS) == 0)
+                topo.run(host, "ip", "addr", "add", f"{new_address}/24", "dev", "eth0")
+                source, worker = new_address, 0
+            else:
+                source, worker = old_address, 1
+            topo.run(host, "ip", "route", "replace", f"{subnet}.0/24", "dev", "eth0", "src", source)
+            [old] = [s for s in topo.hub_sessions() if s["user"] == "u2"]
+            topo.run(host, "ss", "-K", "dst", topo.hub_addr(2), "dport", "=", "5555")
+            # its new worker cannot resume a session it does not hold: a fresh one there
+            wait_for(lambda: [(s["worker"], s["peer"].rsplit(":", 1)[0]) for s in topo.hub_sessions()
+                              if s["user"] == "u2"] == [(worker, source)], 30, f"card 2 on worker {worker} alone")
+            topo.wait_connected(2)
+            # its frames pass on its new worker at once, and reach the other worker's cards
+            topo.ping(2, 1)
+            topo.ping(3, 2)
+            log = topo.log("hub")
+            self.assertRegex(log, rf"\[worker {old['worker']} sevpn\.hub\.Hub#info\] session {old['id']} of u2 on DEFAULT "
+                                  r"ended: its card logged in again on another worker of this hub")
+            self.assertRegex(log, rf"\[worker {worker} sevpn\.workers\.(MainRole|WorkerRole)#info\] the card of u2 "
+                                  rf"\(MAC {topo.mac(2)}\) moved to this worker")
+        topo.run(host, "ip", "addr", "del", f"{new_address}/24", "dev", "eth0")
 
     def test_y_stopping_the_main_process_stops_every_worker(self):
         topo = self.topo

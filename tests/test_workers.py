@@ -19,12 +19,15 @@ from twisted.logger import Logger, LogLevel, capturedLogs, eventAsJSON, formatEv
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from sevpn import workers
+from twisted.internet.defer import succeed
+
+from sevpn import control, workers
 from sevpn.worker import Lifeline, LogPipe, parse_arguments
 from sevpn.workers import (
     LOG_FD, MAX_LOG_LINE, RESTART_DELAYS, STOP_TIMEOUT, LogStream, WorkerProcess, system_of, tag_own_lines,
     worker_environment,
 )
+from tests.support import FakeTap, Lab, mac
 
 
 def event_line(text: str, namespace: str = "sevpn.hub.Hub", **fields) -> bytes:
@@ -310,3 +313,79 @@ class LifelineTests(SynchronousTestCase):
         os.close(write_end)
         lifeline.connectionLost(None)
         self.assertEqual(reactor.stopped, 1)
+
+
+class FakeBackplane:
+    def __init__(self, vhub):
+        self.tap = FakeTap(Clock())
+        vhub.add_port(self.tap)
+
+    def port(self, hub):
+        return self.tap
+
+    def owns(self, port):
+        return port is self.tap
+
+
+class CardMovedTests(SynchronousTestCase):
+    """A card that logs in afresh on one worker ends its sessions on the others, and takes its MAC along."""
+
+    def setUp(self):
+        from sevpn.workers import WorkerRole
+
+        self.lab = Lab(self)
+        self.role = WorkerRole(1, 3, [4])
+        self.role.hub = self.lab.hub
+        self.vhub = self.lab.hub.vhub("DEFAULT")
+        self.role.backplane = FakeBackplane(self.vhub)
+        self.asked = []
+        self.answers = {}
+        self.role.ask = lambda reactor, state_dir, k, command, args: (
+            self.asked.append((k, command, args)) or succeed(self.answers.get(k, {"ended": 0, "live": False})))
+
+    def test_its_sessions_here_end(self):
+        self.lab.card(1)
+        self.lab.card(2)
+        [old] = [s.id for s in self.lab.hub.sessions.values() if s.user == "u1"]
+        with capturedLogs() as events:
+            self.assertEqual(self.role.card_moved("u1", "DEFAULT", "02:00:00:00:00:01"), {"ended": 1, "live": False})
+            self.lab.network.pump()
+        self.assertNotIn(old, self.lab.hub.sessions)  # (the card, told, comes back in a fresh one)
+        said = [formatEvent(e) for e in events]
+        self.assertTrue(any("ended: its card logged in again on another worker of this hub" in t for t in said), said)
+        # the card was told why, on its link
+        self.assertTrue(any("closed the session (its card logged in again on another worker" in t for t in said), said)
+
+    def test_someone_elses_live_mac_is_said(self):
+        self.lab.card(2)
+        # u1's card moved, but MAC 2 is u2's live card here: nothing ends, and it is not to be taken
+        self.assertEqual(self.role.card_moved("u1", "DEFAULT", "02:00:00:00:00:02"), {"ended": 0, "live": True})
+        self.assertEqual(len(self.lab.hub.sessions), 1)
+        self.assertRaises(control.ControlError, self.role.card_moved, "u1", "DEFAULT", "not a mac")
+
+    def test_a_fresh_login_asks_every_other_worker_and_takes_its_mac(self):
+        self.vhub.claim(mac(1), self.role.backplane.tap)  # the card's frames came through the bridge before
+        self.lab.hub.joined.append(self.role.joined)
+        self.answers[2] = {"ended": 1, "live": False}
+        self.lab.card(1)
+        self.assertEqual(sorted(k for k, _, _ in self.asked), [0, 2])
+        self.assertEqual({c for _, c, _ in self.asked}, {"card-moved"})
+        self.assertEqual(self.asked[0][2], {"user": "u1", "hub": "DEFAULT", "mac": "02:00:00:00:00:01"})
+        [session] = self.lab.hub.sessions.values()
+        self.assertIs(self.vhub.lookup(mac(1)), session.port)
+
+    def test_a_mac_live_elsewhere_stays_there(self):
+        self.vhub.claim(mac(1), self.role.backplane.tap)
+        self.lab.hub.joined.append(self.role.joined)
+        self.answers[0] = {"ended": 0, "live": True}
+        self.lab.card(1)
+        self.assertIs(self.vhub.lookup(mac(1)), self.role.backplane.tap)
+
+    def test_one_worker_asks_nobody(self):
+        from sevpn.workers import WorkerRole
+
+        role = WorkerRole(0, 1, [])
+        role.ask = self.role.ask
+        self.lab.hub.joined.append(role.joined)
+        self.lab.card(1)
+        self.assertEqual(self.asked, [])
