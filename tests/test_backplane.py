@@ -18,7 +18,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from scripts.netns import in_netns, skip_reason
 from sevpn.backplane import (
-    GROUP_FWD_MASK, TAP_MTU, Backplane, BackplaneError, Links, WorkerBackplane, backplane_for, bridge_attributes,
+    GROUP_FWD_MASK, TAP_MTU, BackplaneError, Links, WorkerBackplane, backplane_for, bridge_attributes,
     ensure_bridge, netfilter_warning, remove_bridge,
 )
 from sevpn.fabric import Segment

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from contextlib import redirect_stderr
 
 from twisted.internet import reactor, threads
