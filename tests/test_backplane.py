@@ -14,6 +14,7 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from scripts.netns import in_netns, skip_reason
@@ -150,6 +151,15 @@ class KernelTests(TestCase):
             other.attach(VirtualHub("DEFAULT", time.monotonic))
         self.assertIn("vs-DEFAULT-1", str(caught.exception))
         self.assertIn("already uses it", str(caught.exception))
+
+    def test_a_virtual_hub_made_while_running_that_cannot_join_is_said(self):
+        self.worker(1)
+        other = WorkerBackplane(1, reactor, backplane_for, self.links)
+        with in_netns(self.ns), capturedLogs() as events:
+            other.vhub_added(VirtualHub("DEFAULT", time.monotonic))  # the hub's hook: it must not raise
+        [event] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn("its cards on this worker do not reach those on other workers", formatEvent(event))
+        self.assertEqual(other.ports, {})
 
     def test_the_bridge_goes_when_its_last_port_does(self):
         vhub, workers = self.worker(0)

@@ -389,3 +389,44 @@ class CardMovedTests(SynchronousTestCase):
         self.lab.hub.joined.append(role.joined)
         self.lab.card(1)
         self.assertEqual(self.asked, [])
+
+
+class OptionsTests(SynchronousTestCase):
+    """C{--workers} on the command line."""
+
+    def options(self, *argv):
+        from sevpn.hubtap import Options
+
+        config = Options()
+        config.parseOptions(list(argv))
+        return config
+
+    def test_one_process_by_default(self):
+        from sevpn.hubtap import makeService
+
+        service = makeService(self.options("--state-dir", "/tmp/x"))
+        self.assertIsNone(service.role)
+        self.assertEqual(service.limits["resume_memory"], 256 << 20)
+
+    def test_workers_share_the_nodes_resume_memory(self):
+        from sevpn.hubtap import makeService
+        from sevpn.workers import MainRole
+
+        argv = ["--state-dir", "/tmp/x", "--workers", "4", "--resume-memory", "400"]
+        service = makeService(self.options(*argv))
+        self.assertIsInstance(service.role, MainRole)
+        self.assertEqual(service.role.count, 4)
+        self.assertEqual(service.role.argv, argv)  # what the workers parse alike
+        self.assertEqual(service.limits["resume_memory"], 100 << 20)
+
+    def test_bad_counts_and_endpoints_are_sentences(self):
+        from twisted.python.usage import UsageError
+
+        for argv, words in [
+            (["--workers", "0"], "--workers must be a whole number from 1 to 1024, not '0'"),
+            (["--workers", "many"], "--workers must be a whole number from 1 to 1024, not 'many'"),
+            (["--workers", "2", "--listen", "unix:/run/hub.sock"], "with --workers the hub listens on tcp: or tcp6:"),
+        ]:
+            with self.assertRaises(UsageError) as caught:
+                self.options(*argv)
+            self.assertIn(words, str(caught.exception))
