@@ -477,6 +477,10 @@ class MainRole(_Role):
             self.stopping = True
             for worker in self.workers.values():
                 worker.ask_to_stop()
+            if self.backplane is not None:
+                self.backplane.close()
+            for backplane in self.made_bridges:  # (a worker's TAP may still be in one: it is kept then)
+                remove_bridge(backplane, self.links)
             raise
         for worker in self.workers.values():
             worker.watch()

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from scripts.netns import Topology, env, sevpn, transfer, transfer_result, wait_for
+from scripts.netns import BIN, Topology, env, sevpn, transfer, transfer_result, wait_for
 from scripts.workers_topology import PlacedTopology
 from sevpn.reuseport import worker_for
 from tests.test_system import SystemTestCase
@@ -212,3 +212,29 @@ class Workers(SystemTestCase):
         # the worker said goodbye to its card on its way out
         wait_for(lambda: topo.card_status(2)["state"] != "connected", 15, "card 2 to lose its hub")
         self.assertIn("[worker 1 sevpn.worker.Lifeline#warn] the main process is gone: stopping", topo.log("hub"))
+
+
+class AWorkerCannotStart(SystemTestCase):
+    """A worker that cannot start fails the whole start, with its sentence, leaving nothing behind."""
+
+    hosts = 0
+
+    @classmethod
+    def make_topology(cls) -> Topology:
+        return PlacedTopology(cls.hosts, WORKERS, {})
+
+    @classmethod
+    def start(cls, topo):
+        # worker 1's TAP name is taken by a device of another kind
+        topo.run(topo.hub_ns, "ip", "link", "add", "vs-DEFAULT-1", "type", "veth", "peer", "name", "wk-peer")
+
+    def test_the_hub_exits_saying_why(self):
+        topo = self.topo
+        proc = topo.spawn(topo.hub_ns, "hub", os.path.join(BIN, "twistd"), "-n", "--pidfile=", "sevpn-hub",
+                          "--state-dir", topo.hub_state, "--listen", "tcp:5555", "--workers", str(WORKERS))
+        self.assertEqual(proc.wait(60), 1)
+        self.assertIn("sevpn-hub: worker 1 could not start: virtual hub DEFAULT's backplane port: cannot use "
+                      "vs-DEFAULT-1 as a TAP device: a network interface of another kind has that name",
+                      topo.log("hub"))
+        self.assertEqual(topo.run(None, "ip", "netns", "pids", topo.hub_ns).split(), [])
+        self.assertEqual(topo.run(topo.hub_ns, "ip", "-o", "link", "show", "type", "bridge"), "")
