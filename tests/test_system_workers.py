@@ -185,6 +185,23 @@ class Workers(SystemTestCase):
                                   rf"\(MAC {topo.mac(2)}\) moved to this worker")
         topo.run(host, "ip", "addr", "del", f"{new_address}/24", "dev", "eth0")
 
+    def test_i_a_worker_that_dies_is_replaced_and_its_cards_come_back(self):
+        topo = self.topo
+        [old] = [s for s in topo.hub_sessions() if s["user"] == "u2"]
+        pid = {w["worker"]: w["pid"] for w in topo.hub_status()["workers"]}[1]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: [(w["state"], w["restarts"]) for w in topo.hub_status()["workers"]][1] == ("running", 1),
+                 30, "worker 1 to be restarted")
+        # its card could not resume (the session died with the worker): a fresh one, on the new worker 1
+        wait_for(lambda: [(s["worker"], s["id"] != old["id"]) for s in topo.hub_sessions() if s["user"] == "u2"]
+                 == [(1, True)], 60, "card 2 back on worker 1")
+        topo.wait_connected(2)
+        topo.ping(1, 2)
+        log = topo.log("hub")
+        self.assertIn(f"worker 1 (pid {pid}) was killed by signal 9 (SIGKILL): the sessions it held are gone", log)
+        self.assertRegex(log, r"\[worker 1 sevpn\.hub\.Hub#info\] u2 from [\d.:]+ asked to resume a session this "
+                              "hub does not hold; starting a fresh one")
+
     def test_y_stopping_the_main_process_stops_every_worker(self):
         topo = self.topo
         topo.hub_proc.send_signal(signal.SIGTERM)  # the main process alone, not its process group
