@@ -25,10 +25,11 @@ here (L{sevpn.netlink.FdbReflector} is the fabric's need: FRR advertises
 only what is in the FDB, including MACs whose frames never leave their
 worker).
 
-Names: a virtual hub in the fabric (C{--fabric HUB=VNI}) uses the
-fabric's (L{Segment}: C{br-VNI}, made by C{sevpn fabric up}, and
-C{Segment.tap_name(worker)}); its worker TAP I{is} its fabric port.  Any
-other virtual hub gets C{br-HUB} and C{vs-HUB-WORKER} when those fit
+A virtual hub in the fabric (C{--fabric HUB=VNI}) has its backplane
+already: each worker's fabric port (L{sevpn.fabricport}, the TAP
+C{Segment.tap_name(worker)} in C{br-VNI}, made by C{sevpn fabric up})
+joins the node's workers as it joins the nodes; no second TAP is made
+for it here.  Any other virtual hub gets C{br-HUB} and C{vs-HUB-WORKER} when those fit
 Linux's 15 characters, else names made from a hash of the hub's name
 (C{bh-…}, C{vh…-WORKER}); the hub makes these bridges (the main process
 before the workers start, a worker for a virtual hub created while it
@@ -296,9 +297,9 @@ class Links:
 
 def ensure_bridge(backplane: Backplane, links: Links) -> bool:
     """
-    The bridge of C{backplane} exists and is up: made if the hub manages
-    it, else (a fabric segment's) required.  True if it was made now.
-    Raises L{BackplaneError} with a sentence.
+    The bridge of C{backplane} (one the hub manages) exists and is up:
+    made if missing; True if it was made now.  Raises L{BackplaneError}
+    with a sentence.
     """
     name = backplane.bridge
     try:
@@ -308,9 +309,6 @@ def ensure_bridge(backplane: Backplane, links: Links) -> bool:
                 raise BackplaneError(f"virtual hub {backplane.hub}'s backplane bridge {name} exists but is a "
                                      f"{link.kind or 'plain'} device: remove it ('ip link del {name}')")
             return False
-        if not backplane.managed:
-            raise BackplaneError(f"virtual hub {backplane.hub} is in the fabric (VNI {backplane.segment.vni}) but "
-                                 f"its bridge {name} does not exist: run 'sevpn fabric up' first")
         try:
             links.add_bridge(name)
         except FileExistsError:
@@ -403,6 +401,8 @@ class WorkerBackplane:
         if vhub.name in self.ports:
             return
         backplane = self.plan(vhub.name)
+        if backplane.segment is not None:
+            return  # in the fabric: the worker's fabric port (sevpn.fabricport) is its backplane port
         name = backplane.tap_name(self.worker)
         ensure_bridge(backplane, self.links)
         try:

@@ -247,11 +247,18 @@ def merge_readings(answers: Answers) -> dict:
             "virtual_hubs": [vhubs[name] for name in sorted(vhubs)]}
 
 
+def merge_fabric(answers: Answers) -> dict:
+    """C{sevpn hub fabric}: every worker's fabric ports (each row says its worker)."""
+    return {"worker": answers[0][1].get("worker", 0),
+            "segments": [row for _, answer in answers for row in answer.get("segments", [])]}
+
+
 #: The merge of each command whose answer has a shape of its own.
 MERGES: Dict[str, Callable[[Answers], object]] = {
     "sessions": merge_sessions,
     "macs": merge_macs,
     "reading": merge_readings,
+    "fabric": merge_fabric,
 }
 
 

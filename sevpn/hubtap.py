@@ -175,9 +175,11 @@ def makeService(config: Options) -> IService:
     workers = config["workers"]
     role = None
     if workers > 1:
+        from sevpn.fabric import Segment
         from sevpn.workers import MainRole
 
-        role = MainRole(workers, config.argv)
+        # a virtual hub in the fabric has its fabric port as its backplane (sevpn.backplane)
+        role = MainRole(workers, config.argv, segments=[Segment(hub, vni) for hub, vni in config["fabric"]])
     return HubService(
         state_dir=config["state-dir"],
         listen=config["listen"] or defaults.LISTEN,

@@ -171,6 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     service = hubtap.makeService(config)
     service.role = WorkerRole(index, config["workers"], sockets,
                               service.role.segments if service.role is not None else ())
+    service.worker = index  # the fabric port's name is the worker's
     Lifeline(reactor)
     try:
         service.startService()

@@ -337,7 +337,8 @@ class _Role:
                                   "its card logged in again on another worker of this hub")
         vhub = self.hub.vhubs.get(hub)
         owner = vhub.lookup(card_mac) if vhub is not None else None
-        return {"ended": len(ended), "live": owner is not None and not self.backplane.owns(owner)}
+        elsewhere = owner is None or self.backplane.owns(owner) or getattr(owner, "yields_macs", False)
+        return {"ended": len(ended), "live": not elsewhere}
 
     def joined(self, session) -> None:
         """The hub's hook for a fresh session: tell the other workers (see the class docstring)."""
@@ -458,6 +459,8 @@ class MainRole(_Role):
         self.state = state
         for name in state.hubs():
             backplane = self.plan(name)
+            if not backplane.managed:
+                continue  # a fabric segment's bridge: 'sevpn fabric up' made it, the fabric port checked it
             try:
                 if ensure_bridge(backplane, self.links):
                     self.made_bridges.append(backplane)

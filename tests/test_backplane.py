@@ -124,12 +124,17 @@ class KernelTests(TestCase):
             ensure_bridge(self.backplane, self.links)
         self.assertIn("br-DEFAULT exists but is a veth device", str(caught.exception))
 
-    def test_a_fabric_bridge_is_required_not_made(self):
-        backplane = backplane_for("DEFAULT", [Segment("DEFAULT", 100)])
-        with in_netns(self.ns), self.assertRaises(BackplaneError) as caught:
-            ensure_bridge(backplane, self.links)
-        self.assertIn("run 'sevpn fabric up' first", str(caught.exception))
-        self.assertEqual(self.ip("link", "show", "type", "bridge"), "")
+    def test_a_fabric_hub_gets_no_second_port(self):
+        # its fabric port (sevpn.fabricport) is its backplane port: nothing is made here
+        segments = [Segment("DEFAULT", 100)]
+        workers = WorkerBackplane(0, reactor, lambda hub: backplane_for(hub, segments), self.links)
+        vhub = VirtualHub("DEFAULT", time.monotonic)
+        with in_netns(self.ns):
+            workers.attach(vhub)
+        self.assertEqual((workers.ports, vhub.ports), ({}, []))
+        self.assertIsNone(workers.port("DEFAULT"))
+        self.assertEqual(self.ip("-o", "link", "show", "type", "bridge"), "")
+        self.assertEqual(self.ip("-o", "link", "show", "type", "tun"), "")
 
     def test_worker_ports_join_the_bridge(self):
         vhub, workers = self.worker(0)

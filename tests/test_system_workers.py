@@ -255,3 +255,51 @@ class AWorkerCannotStart(SystemTestCase):
                       topo.log("hub"))
         self.assertEqual(topo.run(None, "ip", "netns", "pids", topo.hub_ns).split(), [])
         self.assertEqual(topo.run(topo.hub_ns, "ip", "-o", "link", "show", "type", "bridge"), "")
+
+
+class WorkersInTheFabric(SystemTestCase):
+    """
+    C{--workers 2 --fabric DEFAULT=100} on one node (no FRR needed for one):
+    each worker's fabric port is its backplane port, in the segment's
+    bridge C{br-100}; no second bridge, and each worker reflects its own
+    cards' MACs on its own TAP.
+    """
+
+    hosts = 2
+
+    @classmethod
+    def make_topology(cls) -> Topology:
+        return PlacedTopology(cls.hosts, WORKERS, {1: 0, 2: 1})
+
+    @classmethod
+    def start(cls, topo):
+        topo.run(topo.hub_ns, "ip", "addr", "add", "10.99.0.1/32", "dev", "lo")
+        topo.run(topo.hub_ns, sys.executable, "-m", "sevpn.cli", "fabric", "up", "--vtep", "10.99.0.1",
+                 "--fabric", "DEFAULT=100")
+        for i in (1, 2):
+            topo.add_user(f"u{i}")
+        topo.start_workers("--fabric", "DEFAULT=100")
+        for i in (1, 2):
+            topo.start_card(i)
+        for i in (1, 2):
+            topo.wait_connected(i)
+
+    def test_cards_on_two_workers_meet_in_the_segments_bridge(self):
+        topo = self.topo
+        self.assertEqual(sorted((s["user"], s["worker"]) for s in topo.hub_sessions()), [("u1", 0), ("u2", 1)])
+        topo.ping(1, 2)
+        topo.ping(2, 1)
+        ports = {e["ifname"] for e in json.loads(topo.run(topo.hub_ns, "ip", "-j", "link", "show", "master", "br-100"))}
+        self.assertEqual(ports, {"vx-100", "vt100-0", "vt100-1"})
+        self.assertEqual(topo.run(topo.hub_ns, "ip", "-o", "link", "show", "br-DEFAULT", check=False), "")
+        # each worker put its own card's MAC on its own TAP, for FRR
+        fdb = json.loads(topo.run(topo.hub_ns, "bridge", "-j", "fdb", "show", "br", "br-100"))
+        static = {(e["mac"], e["ifname"]) for e in fdb if e.get("state") == "static"}
+        self.assertIn((topo.mac(1), "vt100-0"), static)
+        self.assertIn((topo.mac(2), "vt100-1"), static)
+        # and the hub's view of its fabric ports is every worker's (what 'sevpn hub fabric' reads; its full
+        # view asks FRR too)
+        rows = json.loads(topo.run(None, sys.executable, "-c", (
+            "import json, sys; from sevpn import control; "
+            "print(json.dumps(control.call(sys.argv[1], 'fabric')))"), topo.hub_state))["segments"]
+        self.assertEqual(sorted((r["worker"], r["tap"]) for r in rows), [(0, "vt100-0"), (1, "vt100-1")])
