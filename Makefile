@@ -16,7 +16,7 @@ all: install
 # namespaces and traffic; real programs the system tests meet (proxies,
 # DHCP, FRR, a browser, systemd's analyzer); the WAN emulator's compiler.
 SYSTEM_TOOLS := ip:iproute2 ss:iproute2 bridge:iproute2 ping:iputils-ping iperf3:iperf3 \
-	ethtool:ethtool cc:gcc openssl:openssl useradd:passwd \
+	ethtool:ethtool cc:gcc openssl:openssl useradd:passwd unshare:util-linux \
 	tinyproxy:tinyproxy danted:dante-server squid:squid \
 	dnsmasq:dnsmasq-base dhclient:isc-dhcp-client \
 	bgpd:frr vtysh:frr chromium:chromium systemd-analyze:systemd

@@ -15,7 +15,6 @@ docs/deploy.md.)
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Optional
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from scripts.netns import REPO, wait_for
+from tests.staging import PREFIX, Staged, make, staging_unavailable
 
 #: Highest acceptable `systemd-analyze security` exposure per unit (0-10,
 #: lower is safer); both were 9.6 UNSAFE before the units were hardened.
@@ -57,54 +57,17 @@ ACCEPTED = {
     ),
 }
 UNITS = ("sevpn-hub.service", "sevpn-nic@.service")
-PREFIX = "/opt/sevpn"
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
 
 
 def tools_missing() -> Optional[str]:
     if shutil.which("systemd-analyze") is None:
         return "systemd-analyze is not installed (Debian package systemd)"
-    if shutil.which("make") is None:
-        return "make is not installed"
-    return None
-
-
-def make(target: str, destdir: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["make", "--no-print-directory", "-C", REPO, target, f"DESTDIR={destdir}", *extra],
-        capture_output=True, text=True, timeout=900,
-    )
+    return staging_unavailable()
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=120)
-
-
-class Staged:
-    """One `make install-system DESTDIR=...`, shared by the checks below."""
-
-    _instance: Optional["Staged"] = None
-
-    @classmethod
-    def get(cls) -> "Staged":
-        if cls._instance is None:
-            cls._instance = cls()
-        if cls._instance.error:
-            raise AssertionError(cls._instance.error)
-        return cls._instance
-
-    def __init__(self) -> None:
-        self.root = tempfile.mkdtemp(prefix="dp-units-")
-        atexit.register(shutil.rmtree, self.root, True)
-        result = make("install-system", self.root)
-        self.output = result.stdout + result.stderr
-        self.error = None if result.returncode == 0 else f"make install-system failed:\n{self.output[-3000:]}"
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.root, *(p.lstrip("/") for p in parts))
-
-    def unit(self, name: str) -> str:
-        return self.path("/etc/systemd/system", name)
 
 
 class Units(SynchronousTestCase):
