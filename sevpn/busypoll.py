@@ -37,6 +37,7 @@ class BusyPoll:
         self.turns = 0
 
     def activity(self) -> None:
+        """Traffic happened: stay awake for another window."""
         self._until = self.monotonic() + self.window
         if self._call is None:
             self._call = self.reactor.callLater(0, self._turn)
@@ -49,6 +50,7 @@ class BusyPoll:
             self._call = None
 
     def stop(self) -> None:
+        """Stop spinning now."""
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()

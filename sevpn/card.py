@@ -79,26 +79,33 @@ class NicSide:
 
     @property
     def name(self) -> str:
+        """The TAP device's name."""
         return self.tap.name
 
     @property
     def offload(self) -> bool:
+        """Whether the TAP hands over offload super-frames."""
         return bool(self.tap.mac_offset)
 
     @property
     def carrier(self) -> bool:
+        """Whether the OS sees the cable plugged in."""
         return self.tap.carrier
 
     def set_carrier(self, on: bool) -> None:
+        """Show the cable plugged in or not (TUNSETCARRIER)."""
         self.tap.set_carrier(on)
 
     def plug(self, port: Port) -> None:
+        """The session's port on the other end of the TAP's cable."""
         self.cable.plug(port)
 
     def unplug(self) -> None:
+        """The session is gone: the cable hangs loose."""
         self.cable.unplug()
 
     def counters(self) -> dict:
+        """The TAP's counters and what arrived while unplugged."""
         info = self.tap.counters()
         info["unplugged_drops"] = self.cable.unplugged_drops
         return info
@@ -116,6 +123,7 @@ class CardSession(Session):
         self.port = SessionPort("uplink", self, card.clock, mac_offset=10 if offload else 0)
 
     def resume_request(self) -> wire.Resume:
+        """The hello's request to take this session back."""
         return wire.Resume(self.id, self.token, self.delivered)
 
 
@@ -219,6 +227,7 @@ class Card:
     # the link's side ---------------------------------------------------------
 
     def hello(self) -> wire.Hello:
+        """The hello for the account dialled now (with a resume request when a session is held)."""
         account = self.account
         return wire.Hello(
             hub=account.hub_name,
@@ -230,6 +239,7 @@ class Card:
         )
 
     def is_current(self, attempt: object) -> bool:
+        """Whether C{attempt} is the connection attempt in progress."""
         return attempt is self._attempt
 
     def hub_answered(self, link: Link, attempt: object, answer) -> None:
@@ -565,6 +575,7 @@ class Card:
     # status ----------------------------------------------------------------
 
     def status(self) -> dict:
+        """The card's state, account, session and counters (C{sevpn nic status})."""
         now = self.clock.seconds()
         account = self.account
         session = self.session

@@ -24,6 +24,7 @@ class CardLink(Link):
         self._handshake_call = None
 
     def connectionMade(self) -> None:
+        """Say hello, unless a newer attempt made this one stale."""
         super().connectionMade()
         if not self.card.is_current(self.attempt):
             self.say_goodbye("superseded by a newer connection")
@@ -42,6 +43,7 @@ class CardLink(Link):
         self._handshake_call = None
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
+        """The hub's WELCOME or REFUSED, handed to the card."""
         if self.session is not None or kind not in (wire.WELCOME, wire.REFUSED) or self._handshake_call is None:
             raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message from the hub")
         self._handshake_over()
@@ -49,13 +51,16 @@ class CardLink(Link):
         self.card.hub_answered(self, self.attempt, answer)
 
     def detached(self, session, clean: bool, reason: str) -> None:
+        """The session's link is gone: the card decides what that means."""
         self.card.link_lost(self, clean, reason)
 
     def ended_in_handshake(self, reason: str) -> None:
+        """The attempt ended before the hub answered."""
         self._handshake_over()
         self.card.attempt_ended(self.attempt, reason)
 
     def connectionLost(self, reason) -> None:
+        """Stop the handshake timer, then the link's own ending."""
         self._handshake_over()
         super().connectionLost(reason)
 
@@ -70,6 +75,7 @@ class CardLinkFactory(Factory):
         self.attempt = attempt
 
     def buildProtocol(self, addr) -> CardLink:
+        """The link of this attempt."""
         link = CardLink(self.card, self.attempt)
         link.factory = self
         return link

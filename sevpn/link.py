@@ -89,6 +89,7 @@ class Link(Protocol):
     # connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Tune the socket, become the transport's producer, start the keepalive and the deadline."""
         self._tune_socket()
         self.transport.registerProducer(self, True)
         self._last_received = self.clock.seconds()
@@ -104,6 +105,7 @@ class Link(Protocol):
             pass  # not TCP (tests, UNIX sockets): nothing to tune
 
     def connectionLost(self, reason) -> None:
+        """The transport is gone: an input of the state machine."""
         self.connection_lost(describe_failure(reason))
 
     def when_closed(self) -> Deferred:
@@ -139,6 +141,7 @@ class Link(Protocol):
     # incoming --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Cut the stream into messages and handle them; one flush per read."""
         self._last_received = self.clock.seconds()
         busypoll.activity()
         session = self.session
@@ -219,11 +222,13 @@ class Link(Protocol):
         return ack
 
     def send_ack(self) -> None:
+        """Send the cumulative ack on its own."""
         self.write(wire.encode_ack(self._note_acked()))
 
     # outgoing --------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """Write bytes, noting that something was sent (no keepalive needed)."""
         self._sent_something = True
         self.transport.write(data)
 
@@ -255,21 +260,26 @@ class Link(Protocol):
     # flow control: IPushProducer (our transport's writes) and ILink (its reads)
 
     def pauseProducing(self) -> None:
+        """IPushProducer: the transport is full; the session's port hears it."""
         if self.session is not None:
             self.session.link_paused(self)
 
     def resumeProducing(self) -> None:
+        """IPushProducer: the transport takes data again."""
         if self.session is not None:
             self.session.link_resumed(self)
 
     def stopProducing(self) -> None:
+        """IPushProducer: nothing to stop; the connection's end does it."""
         pass
 
     def pause_reading(self) -> None:
+        """L{ILink}: stop reading the peer."""
         if self.open and self.transport is not None:
             self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
+        """L{ILink}: read the peer again."""
         if self.open and self.transport is not None:
             self.transport.resumeProducing()
 

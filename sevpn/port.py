@@ -146,9 +146,11 @@ class Port:
     # the switch's side ---------------------------------------------------------
 
     def accepting(self) -> bool:
+        """L{IPort.accepting}: not stalled, and not past the byte bound while paused."""
         return not (self._stalled or (self._paused and self._backlog >= self.queue_limit))
 
     def deliver(self, frames: Sequence, offset: int, source: Optional[IPort] = None) -> None:
+        """L{IPort.deliver}: convert, police, signal a standing queue, transmit; hold the source while paused."""
         if self.closed:
             return
         if self._stalled or (self._paused and self._backlog >= self.queue_limit):
@@ -263,11 +265,13 @@ class Port:
     # as a source ---------------------------------------------------------------
 
     def hold_input(self) -> None:
+        """L{IPort.hold_input}: one more destination holds this port; the first pauses its input."""
         self._holds += 1
         if self._holds == 1 and not self.closed:
             self.pause_input()
 
     def release_input(self) -> None:
+        """L{IPort.release_input}: one destination less; the last one resumes the input."""
         self._holds -= 1
         if self._holds == 0 and not self.closed:
             self.resume_input()
@@ -287,6 +291,7 @@ class Port:
         self._release()
 
     def counters(self) -> dict:
+        """L{IPort.counters}: drops by cause, ECN marks, bad frames."""
         return {"congestion_drops": self.congestion_drops, "ecn_marks": self.ecn_marks, "rate_drops": self.rate_drops,
                 "bad_frames": self.bad_frames}
 
@@ -313,24 +318,30 @@ class SessionPort(Port):
         self.in_limit = TokenBucket(in_bits / 8, max(in_bits / 80, 2 * 65600), self.clock.seconds()) if in_bits else None
 
     def transmit(self, frames: Sequence) -> None:
+        """Number and send the frames to the peer (held while no link is up)."""
         self.session.send_frames(frames)
 
     def pause_input(self) -> None:
+        """Stop reading the peer (a destination is full)."""
         self.session.pause_reading()
 
     def resume_input(self) -> None:
+        """Read the peer again."""
         self.session.resume_reading()
 
     # IReceiver: the session's side
     def frames_received(self, frames: Sequence) -> None:
+        """L{IReceiver}: the peer's frames, within its rate, to the sink."""
         if self.in_limit is not None:
             frames = self._police(self.in_limit, frames)
         self.sink.forward(self, frames)
 
     def input_done(self) -> None:
+        """L{IReceiver}: one read is over: the sink flushes."""
         self.sink.flush(self)
 
     def counters(self) -> dict:
+        """The session's counters and the port's."""
         info = self.session.counters()
         info.update(Port.counters(self))
         return info
@@ -353,15 +364,18 @@ class Cable:
         self.unplugged_drops = 0
 
     def plug(self, uplink: Port) -> None:
+        """A session's port joins the other end of the cable."""
         uplink.sink = self
         self.uplink = uplink
 
     def unplug(self) -> None:
+        """The session is gone: its port is closed, the cable hangs loose."""
         if self.uplink is not None:
             self.uplink.close()
         self.uplink = None
 
     def forward(self, source: IPort, frames: Sequence) -> None:
+        """L{ISink.forward}: what one end brings goes to the other, at once."""
         if source is self.local:
             uplink = self.uplink
             if uplink is None:

@@ -42,6 +42,7 @@ class Budget:
         self.logs: set = set()
 
     def reclaim(self, appender: "SendLog") -> None:
+        """Free bytes, held logs' oldest first, down to nine tenths of the limit."""
         target = self.limit * 9 // 10
         held = sorted((log for log in self.logs if not log.linked and log.bytes), key=lambda log: -log.bytes)
         for log in held + [appender]:

@@ -178,6 +178,7 @@ class Session:
             self.receiver.output_paused()
 
     def link_resumed(self, link: ILink) -> None:
+        """C{link}'s transport takes data again."""
         if link is self.link and self.receiver is not None:
             self.receiver.output_resumed()
 
@@ -188,6 +189,7 @@ class Session:
             link.pause_reading()
 
     def resume_reading(self) -> None:
+        """Read the peer again on every link."""
         self._reading_paused = False
         for link in self._links:
             link.resume_reading()
@@ -195,6 +197,7 @@ class Session:
     # status ------------------------------------------------------------------
 
     def counters(self) -> dict:
+        """Traffic, resumes, what is held, resent and lost."""
         return {
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,

@@ -79,6 +79,7 @@ CONTROL_GROUP = b"\x03sevpn"
 
 
 class MacEntry:
+    """Where a MAC was learned, and when it was first and last seen."""
     __slots__ = ("port", "seen", "learned")
 
     def __init__(self, port: IPort, now: float) -> None:
@@ -154,6 +155,7 @@ class VirtualHub:
     # ports -----------------------------------------------------------------
 
     def add_port(self, port: IPort) -> None:
+        """Attach a port: its frames go to this virtual hub (its sink is the switch)."""
         if port not in self.ports:
             self.ports.append(port)
             port.sink = self
@@ -375,12 +377,14 @@ class VirtualHub:
         return True
 
     def lookup(self, mac: bytes) -> Optional[IPort]:
+        """The port a unicast MAC lives behind now, or None."""
         entry = self.table.get(mac)
         if entry is None or self.clock() - entry.seen > self.max_age:
             return None
         return entry.port
 
     def describe_table(self) -> List[dict]:
+        """The live MAC table, for status: MAC, port, age."""
         now = self.clock()
         return [
             {"mac": format_mac(mac), "port": e.port.name, "age": round(now - e.seen, 1)}
@@ -389,12 +393,14 @@ class VirtualHub:
         ]
 
     def describe_conflicts(self) -> List[dict]:
+        """MACs more than one live port sent from, for status."""
         return [
             {"mac": format_mac(c.mac), "ports": sorted(p.name for p in c.ports), "count": c.count}
             for c in self.conflicts.values()
         ]
 
     def counters(self) -> dict:
+        """What the switch did with frames, by way and by cause."""
         return {
             "flooded": self.flooded,
             "unicast": self.unicast,

@@ -114,25 +114,30 @@ class TapPort(Port):
     # carrier ---------------------------------------------------------------
 
     def set_carrier(self, on: bool) -> None:
+        """Show the cable plugged in or not (TUNSETCARRIER)."""
         fcntl.ioctl(self.fd, TUNSETCARRIER, struct.pack("i", 1 if on else 0))
         self.carrier = on
 
     # reading ---------------------------------------------------------------
 
     def start_reading(self) -> None:
+        """Read the TAP in the reactor."""
         if not self.reading and self.fd >= 0:
             self.reading = True
             self.reactor.addReader(self)
 
     def stop_reading(self) -> None:
+        """Stop reading the TAP."""
         if self.reading:
             self.reading = False
             self.reactor.removeReader(self)
 
     def fileno(self) -> int:
+        """IReadDescriptor: the TAP's file descriptor."""
         return self.fd
 
     def doRead(self) -> None:
+        """Read what the OS sent, until EAGAIN or the budget, in batches to the sink."""
         read, fd = os.read, self.fd
         frames: List[bytes] = []
         size = 0
@@ -163,17 +168,21 @@ class TapPort(Port):
         sink.flush(self)
 
     def pause_input(self) -> None:
+        """A destination is full: stop reading, if this port takes backpressure."""
         if self.backpressure:
             self.stop_reading()
 
     def resume_input(self) -> None:
+        """Read again, if this port takes backpressure."""
         if self.backpressure:
             self.start_reading()
 
     def connectionLost(self, reason) -> None:
+        """IReadDescriptor: the reactor let go of the descriptor."""
         self.reading = False
 
     def logPrefix(self) -> str:
+        """What the reactor's log lines about this reader say."""
         return f"tap {self.device_name}"
 
     # writing ---------------------------------------------------------------
@@ -194,11 +203,13 @@ class TapPort(Port):
                 self.write_drops += 1
 
     def counters(self) -> dict:
+        """The port's counters and the writes the kernel refused."""
         info = super().counters()
         info["tap_write_drops"] = self.write_drops
         return info
 
     def close(self) -> None:
+        """Stop reading, unplug the cable and close the device (a persistent TAP stays)."""
         super().close()
         self.stop_reading()
         if self.fd >= 0:

@@ -68,10 +68,12 @@ class Keepalive:
         self.randbytes = randbytes
 
     def next_interval(self) -> float:
+        """Seconds of silence before the next NULL packet."""
         low, high = self.interval
         return low + (high - low) * self.random()
 
     def padding(self) -> bytes:
+        """Random padding for a NULL packet."""
         low, high = NULL_PADDING
         return self.randbytes(low + int((high - low + 1) * self.random()))
 

@@ -124,6 +124,7 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
     """L{TLSMemoryBIOProtocol} with the fast path; see the module docstring."""
 
     def makeConnection(self, transport) -> None:
+        """Twisted's, then large reads and whole-message writes."""
         TLSMemoryBIOProtocol.makeConnection(self, transport)
         _read_in_large_pieces(transport)
         # One SSL_write takes a whole message (the BIO is memory, it never
@@ -255,6 +256,7 @@ class TLSFactory(TLSMemoryBIOFactory):
 
     @property
     def protocol(self):
+        """The fast path's protocol if it resolved, else Twisted's plain one."""
         return LinkTLSProtocol if _fast is not None else TLSMemoryBIOProtocol
 
 
@@ -267,5 +269,6 @@ class TLSClientEndpoint:
         self.endpoint = endpoint
 
     def connect(self, factory):
+        """Connect, wrap in TLS, fire with the caller's protocol."""
         d = self.endpoint.connect(TLSFactory(self.options, True, factory))
         return d.addCallback(lambda tls: tls.wrappedProtocol)

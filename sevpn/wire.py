@@ -234,6 +234,7 @@ class Resume:
 
     @classmethod
     def from_json(cls, obj: object) -> "Resume":
+        """Decode and check the hello's C{resume} object."""
         if not isinstance(obj, dict):
             raise ProtocolError("'resume' is not an object")
         return cls(
@@ -243,6 +244,7 @@ class Resume:
         )
 
     def to_json(self) -> dict:
+        """The C{resume} object of a hello."""
         return {"session": self.session, "token": self.token, "received": self.received}
 
 
@@ -265,6 +267,7 @@ class Hello:
     kind = HELLO
 
     def encode(self) -> bytes:
+        """The HELLO message: magic, version, the JSON body."""
         obj: dict = {"hub": self.hub, "user": self.user, "features": sorted(self.features)}
         if self.password is not None:
             obj["password"] = self.password
@@ -330,6 +333,7 @@ class Welcome:
     kind = WELCOME
 
     def encode(self) -> bytes:
+        """The WELCOME message."""
         return _encode_json(WELCOME, {
             "session": self.session, "token": self.token, "resumed": self.resumed,
             "received": self.received, "hub": self.hub, "resume_window": self.resume_window,
@@ -338,6 +342,7 @@ class Welcome:
 
     @classmethod
     def decode(cls, body: Buffer) -> "Welcome":
+        """Decode and check a WELCOME body (a L{ProtocolError} if it is wrong)."""
         obj = _json_body(WELCOME, body)
         resumed = obj.get("resumed")
         window = obj.get("resume_window", 0)
@@ -367,17 +372,21 @@ class Refused:
 
     @classmethod
     def of(cls, code: str) -> "Refused":
+        """The refusal for C{code}, with its sentence."""
         return cls(code, Refusal.MESSAGES[code])
 
     @property
     def retry_later(self) -> bool:
+        """Whether the card treats it as an outage and retries."""
         return self.code in Refusal.RETRY_LATER
 
     def encode(self) -> bytes:
+        """The REFUSED message."""
         return _encode_json(REFUSED, {"code": self.code, "message": self.message})
 
     @classmethod
     def decode(cls, body: Buffer) -> "Refused":
+        """Decode a REFUSED body, keeping what it can of a malformed one."""
         obj = _json_body(REFUSED, body)
         code = obj.get("code")
         message = obj.get("message")
@@ -395,10 +404,12 @@ class Goodbye:
     kind = GOODBYE
 
     def encode(self) -> bytes:
+        """The GOODBYE message."""
         return _encode_json(GOODBYE, {"reason": self.reason})
 
     @classmethod
     def decode(cls, body: Buffer) -> "Goodbye":
+        """Decode a GOODBYE body (its reason, cut)."""
         reason = _json_body(GOODBYE, body).get("reason")
         return cls(reason[:MAX_REASON] if isinstance(reason, str) else "")
 
@@ -420,14 +431,17 @@ def data_header(first_seq: int, ack: int, payload_len: int) -> bytes:
 
 
 def encode_data(first_seq: int, ack: int, payload: Buffer) -> bytes:
+    """A whole DATA message: header, numbers and payload."""
     return data_header(first_seq, ack, len(payload)) + payload
 
 
 def encode_ack(ack: int) -> bytes:
+    """An ACK message."""
     return encode(ACK, _U64.pack(ack))
 
 
 def encode_null(ack: int, padding: bytes) -> bytes:
+    """A NULL message (the keepalive) carrying an ack and padding."""
     return encode(NULL, _U64.pack(ack) + padding)
 
 
@@ -496,6 +510,7 @@ class Decoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> List[Tuple[int, memoryview]]:
+        """Add C{data}; the complete messages, up to the first handshake message."""
         buf = self._buffer
         if buf:
             buf += data
