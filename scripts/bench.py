@@ -9,6 +9,7 @@ test: it prints figures and asserts nothing.
     make bench LINES=0         the veth table only (about 2 minutes)
     make bench LINES=A,C       the veth table and lines A and C only
     SEVPN_NIC_ARGS="..."       extra flags for both cards
+    SEVPN_HUB_ARGS="..."       extra flags for the hub
     BENCH_JSON=FILE            the lines' figures and ss samples as JSON
 """
 
@@ -92,7 +93,8 @@ def main():
         topo.run(topo.hub_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
         # through sevpn
         extra = tuple(shlex.split(os.environ.get("SEVPN_NIC_ARGS", "")))
-        two_cards(topo, card_args=extra)
+        hub_extra = tuple(shlex.split(os.environ.get("SEVPN_HUB_ARGS", "")))
+        two_cards(topo, hub_args=hub_extra, card_args=extra)
         topo.ping(1, 2)
         results["sevpn"] = measure(topo, topo.tap_addr(2))
     finally:
