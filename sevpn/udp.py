@@ -41,9 +41,9 @@ _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
-#: Errors of a send that drop that datagram only.
-_DROPPED = {errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-            errno.EACCES, errno.EPERM, errno.EMSGSIZE, errno.EINVAL, errno.EHOSTDOWN, errno.ENETDOWN}
+#: Errors of a send that say the socket lost its peer (C{ss -K} destroys
+#: UDP sockets too): it is connected again, and the datagram sent once more.
+_DISCONNECTED = {errno.EDESTADDRREQ, errno.ENOTCONN}
 
 
 class SpecError(ValueError):
@@ -132,9 +132,12 @@ class DatagramSocket:
         self.reactor = reactor
         self.socket = sock
         self.receiver = receiver
-        self.connected = False
+        #: A card's socket: the hub's address it is connected to.
+        self.remote: Optional[tuple] = None
         self.reading = False
         self.receive_errors = 0
+        self.send_errors = 0
+        self._errors_seen: set = set()
         self._buffer = bytearray(datagram.MAX_UDP_PAYLOAD + 1)
         self._view = memoryview(self._buffer)
 
@@ -176,15 +179,35 @@ class DatagramSocket:
             receiver.read_done()
 
     def send(self, data, address=None) -> bool:
+        """
+        Send one datagram; False if it was dropped.  No error of a send
+        ever leaves here: whatever the kernel says (a full buffer, no
+        route, a refusal, a destroyed socket) costs this datagram, and the
+        channel's liveness notices what lasts.
+        """
         try:
-            if self.connected or address is None:
+            if self.remote is not None or address is None:
                 self.socket.send(data)
             else:
                 self.socket.sendto(data, address)
         except OSError as e:
-            if e.errno in _DROPPED:
-                return False
-            raise
+            if e.errno in _DISCONNECTED and self.remote is not None:
+                return self._reconnect_and_send(data)
+            self.send_errors += 1
+            if e.errno not in self._errors_seen and len(self._errors_seen) < 16:
+                self._errors_seen.add(e.errno)
+                self.log.info("UDP send: {why} (datagrams are dropped while it lasts)",
+                              why=e.strerror or str(e))
+            return False
+        return True
+
+    def _reconnect_and_send(self, data) -> bool:
+        try:
+            self.socket.connect(self.remote)
+            self.socket.send(data)
+        except OSError:
+            self.send_errors += 1
+            return False
         return True
 
     def close(self) -> None:
@@ -236,6 +259,6 @@ def connect(reactor, host: str, port: int, receiver) -> DatagramSocket:
         sock.close()
         raise
     reader = DatagramSocket(reactor, sock, receiver)
-    reader.connected = True
+    reader.remote = info[4]
     reader.start_reading()
     return reader

@@ -95,6 +95,47 @@ class Sockets(TestCase):
         self.assertRaises(OSError, udp.listen, reactor, f"udp:{hub.port}:interface=127.0.0.1", Receiver())
 
 
+class SendErrors(SynchronousTestCase):
+    """No error of a send leaves the socket: it would stop whoever sent (the card's TAP reader)."""
+
+    class Sock:
+        def __init__(self, errors):
+            self.errors = list(errors)
+            self.sent = []
+            self.connects = []
+
+        def send(self, data):
+            if self.errors:
+                code = self.errors.pop(0)
+                raise OSError(code, os.strerror(code))
+            self.sent.append(bytes(data))
+
+        sendto = None
+
+        def connect(self, address):
+            self.connects.append(address)
+
+    def test_a_destroyed_socket_is_connected_again(self):
+        import errno
+
+        sock = self.Sock([errno.EDESTADDRREQ])  # what 'ss -K' leaves a connected UDP socket with
+        reader = udp.DatagramSocket(reactor, sock, Receiver())
+        reader.remote = ("192.0.2.2", 5555)
+        self.assertTrue(reader.send(b"x"))
+        self.assertEqual((sock.connects, sock.sent), ([("192.0.2.2", 5555)], [b"x"]))
+
+    def test_any_other_error_drops_the_datagram(self):
+        import errno
+
+        codes = [errno.EAGAIN, errno.ENETUNREACH, errno.EPERM, errno.EBADF, errno.EIO, errno.EMSGSIZE]
+        sock = self.Sock(codes)
+        reader = udp.DatagramSocket(reactor, sock, Receiver())
+        reader.remote = ("192.0.2.2", 5555)
+        self.assertEqual([reader.send(b"x") for _ in codes], [False] * len(codes))
+        self.assertEqual(reader.send_errors, len(codes))
+        self.assertTrue(reader.send(b"y"))
+
+
 class RealChannels(TestCase):
     """A hub service and two cards in this process: TLS on loopback, and UDP beside it."""
 
