@@ -104,6 +104,10 @@ class NicSide:
         """The session is gone: the cable hangs loose."""
         self.cable.unplug()
 
+    def prefer_small_frames(self, on: bool) -> None:
+        """A UDP channel carries the frames (C{on}): let the kernel segment TCP (L{TapPort.segment_in_kernel})."""
+        self.tap.segment_in_kernel(on)
+
     def counters(self) -> dict:
         """The TAP's counters and what arrived while unplugged."""
         info = self.tap.counters()
@@ -136,6 +140,8 @@ class Card:
     @param endpoint_for: C{account -> IStreamClientEndpoint}; raises a
         L{sevpn.users.StateError} with a sentence if the account is unusable.
     @param features: more features to ask for in the hello (a cascade's).
+    @param udp: opens a UDP socket toward the hub for the UDP channel
+        (L{sevpn.channel}); None turns the channel off.
     """
 
     _machine = MethodicalMachine()
@@ -152,9 +158,13 @@ class Card:
         buffer_limit: int = DEFAULT_LIMIT,
         backoff: Optional[Callable[[int], float]] = None,
         features: FrozenSet[str] = frozenset(),
+        udp: Optional[Callable] = None,
     ) -> None:
         self.clock = clock
         self.features = frozenset(features)
+        #: C{udp(host, port, receiver)}: a datagram socket toward the hub
+        #: (L{sevpn.udp.connect}), or None: no UDP channel.
+        self.udp = udp
         self.lan = lan
         self.mac = mac
         self.endpoint_for = endpoint_for
@@ -234,9 +244,28 @@ class Card:
             user=account.user,
             password=account.password,
             mac=format_mac(self.mac),
-            features=self.features | ({wire.FEATURE_OFFLOAD} if self.offload else frozenset()),
+            features=self._features(),
             resume=self.session.resume_request() if self.session is not None else None,
         )
+
+    def _features(self) -> frozenset:
+        features = set(self.features) | ({wire.FEATURE_OFFLOAD} if self.offload else set())
+        # Through a proxy, UDP would go around it: the user chose the proxy's path.
+        if self.udp is not None and not self.account.proxy:
+            features.add(wire.FEATURE_UDP)
+        return frozenset(features)
+
+    def _open_channel(self, link: Link, welcome: wire.Welcome) -> None:
+        """A UDP channel beside C{link}, if the hub offered one."""
+        if self.udp is None or wire.FEATURE_UDP not in welcome.features or self.account.proxy:
+            return
+        from sevpn.channel import open_card_channel
+
+        # A LAN side with TCP super-frames (a TAP) has them cut by its kernel
+        # while the channel carries; one without (a cascade's hub) has none.
+        small_frames = getattr(self.lan, "prefer_small_frames", None)
+        link.channel = open_card_channel(link, self.session, welcome, self.udp, self.clock,
+                                         bool(self.session.port.mac_offset), small_frames)
 
     def is_current(self, attempt: object) -> bool:
         """Whether C{attempt} is the connection attempt in progress."""
@@ -426,6 +455,7 @@ class Card:
         session = self.session = CardSession(self, welcome)
         self.lan.plug(session.port)
         self._attach(link, 0)
+        self._open_channel(link, welcome)
         self.lan.set_carrier(True)
         self.connected_since = self.clock.seconds()
         self.log.info(
@@ -448,6 +478,7 @@ class Card:
         resent_before = session.sent.retransmitted
         session.resumes += 1
         self._attach(link, welcome.received)
+        self._open_channel(link, welcome)
         self.log.info(
             "resumed session with hub {hub} at {addr}: {n} frames resent, nothing lost",
             hub=self.account.hub_name, addr=self.address, n=session.sent.retransmitted - resent_before,

@@ -17,6 +17,9 @@ from sevpn.link import Link
 class CardLink(Link):
     """The card's connection to a hub, for one connection attempt."""
 
+    #: The UDP channel beside this link, if the hub offered one (L{sevpn.channel}).
+    channel = None
+
     def __init__(self, card, attempt: object) -> None:
         super().__init__(card.clock, card.keepalive)
         self.card = card
@@ -52,6 +55,9 @@ class CardLink(Link):
 
     def detached(self, session, clean: bool, reason: str) -> None:
         """The session's link is gone: the card decides what that means."""
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close(reason)
         self.card.link_lost(self, clean, reason)
 
     def ended_in_handshake(self, reason: str) -> None:

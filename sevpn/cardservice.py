@@ -88,8 +88,10 @@ class CardService(Service):
         busy_poll: float = busypoll.WINDOW,
         reactor=None,
         interface: Optional[InterfaceConfig] = None,
+        udp: bool = True,
     ) -> None:
         self.busy_poll = busy_poll
+        self.udp = udp
         self.state_dir = state_dir
         #: The TAP's addresses, MTU and DHCP from the command line (accounts may add theirs).
         self.interface_config = interface or InterfaceConfig()
@@ -134,6 +136,7 @@ class CardService(Service):
                 keepalive=self.keepalive,
                 resume_window=self.resume_window,
                 buffer_limit=self.buffer_limit,
+                udp=self._udp(reactor),
             )
             self.tap.start_reading()
             self.card = card
@@ -164,6 +167,19 @@ class CardService(Service):
         config = self.interface_config.merged(account.interface())
         self.card.connect(account)
         self.interface.configure(config)
+
+    def _udp(self, reactor):
+        """How the card opens its UDP channel's socket, or None: no UDP channel."""
+        from functools import partial
+
+        from sevpn import tls, udp
+
+        if not self.udp:
+            return None
+        if tls.EXPORTER_MISSING is not None:
+            self.log.warn("UDP channel off: {why}", why=tls.EXPORTER_MISSING)
+            return None
+        return partial(udp.connect, reactor)
 
     def _status(self) -> dict:
         info = self.card.status()

@@ -293,11 +293,13 @@ class Hub:
             joined(session)
         return session, False, 0
 
-    def welcome(self, session: HubSession, resumed: bool) -> wire.Welcome:
-        """The WELCOME for C{session}."""
+    def welcome(self, session: HubSession, resumed: bool, channel=None) -> wire.Welcome:
+        """The WELCOME for C{session}; with the UDP C{channel} opened beside its link, if any."""
         features = {wire.FEATURE_OFFLOAD} if session.offload else set()
         if session.cascade:
             features.add(wire.FEATURE_CASCADE)
+        if channel is not None:
+            features.add(wire.FEATURE_UDP)
         return wire.Welcome(
             session=session.id,
             token=base64.b64encode(session.token).decode("ascii"),
@@ -306,6 +308,8 @@ class Hub:
             hub=session.vhub.name,
             resume_window=self.resume_window,
             features=frozenset(features),
+            udp_port=channel.port if channel is not None else None,
+            udp_channel=channel.id if channel is not None else None,
         )
 
     def _apply_policy(self, session: HubSession, policy: dict) -> None:

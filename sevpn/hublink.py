@@ -13,6 +13,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from sevpn import defaults, wire
+from sevpn.channel import HubChannels
 from sevpn.guard import Admission, SourceSummary
 from sevpn.hub import Hub, HubSession, Refused
 from sevpn.link import Link
@@ -24,6 +25,9 @@ from sevpn.wire import Refusal
 
 class HubLink(Link):
     """A card's connection to the hub."""
+
+    #: The UDP channel beside this link, if the card asked for one (L{sevpn.channel}).
+    channel = None
 
     def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive) -> None:
         super().__init__(clock, keepalive)
@@ -60,6 +64,10 @@ class HubLink(Link):
         self.fail(f"no hello within {defaults.HANDSHAKE_TIMEOUT:g} seconds")
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
+        if kind == wire.PROBE and self.channel is not None:
+            # The card says over TLS what it cannot say over UDP: it hears nothing there.
+            self.channel.told_over_tls(wire.Probe.decode(body))
+            return
         if kind != wire.HELLO or self._hello is not None:
             raise wire.ProtocolError(f"unexpected {wire.NAMES[kind]} message")
         try:
@@ -93,10 +101,22 @@ class HubLink(Link):
             self._refuse(refused)
             return
         self._handshake_over()
-        self.send_message(self.hub.welcome(session, resumed))
+        channel = self._open_channel(session)
+        self.send_message(self.hub.welcome(session, resumed, channel))
         self.established(session, card_received)
+        self.channel = channel
+
+    def _open_channel(self, session: HubSession):
+        """A UDP channel beside this link, if the card asked for one and the hub has a UDP port."""
+        channels = self.factory.udp
+        if channels is None or wire.FEATURE_UDP not in self._hello.features:
+            return None
+        return channels.open(self, session, session.id, session.offload)
 
     def detached(self, session: HubSession, clean: bool, reason: str) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close(reason)
         self.hub.link_lost(session, clean, reason)
 
 
@@ -120,8 +140,10 @@ class HubLinkFactory(Factory):
     log = Logger()
 
     def __init__(self, hub: Hub, clock: IReactorTime, keepalive: Keepalive,
-                 admission: Optional[Admission] = None) -> None:
+                 admission: Optional[Admission] = None, udp: Optional[HubChannels] = None) -> None:
         self.hub = hub
+        #: The hub's UDP port (its channels), or None: no UDP.
+        self.udp = udp
         self.clock = clock
         self.keepalive = keepalive
         self.admission = admission or Admission()

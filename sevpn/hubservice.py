@@ -101,13 +101,24 @@ class HubService(Service):
         fabric: Sequence[Tuple[str, int]] = (),
         worker: int = 0,
         role=None,
+        udp: bool = True,
+        udp_listen: Optional[str] = None,
     ) -> None:
         self.busy_poll = busy_poll
         """
         @param limits: the hub's bounds per actor, passed to L{Hub}
             (C{max_sessions_per_user}, C{max_macs_per_session},
             C{resume_memory}, C{allow_mac_moves}).
+        @param udp: offer cards a UDP channel (L{sevpn.channel}).
+        @param udp_listen: its address, C{udp:PORT[:interface=ADDRESS]};
+            None: beside the first C{listen} endpoint.
         """
+        self.udp = udp
+        self.udp_listen = udp_listen
+        self.udp_channels = None
+        self.udp_socket = None
+        #: The UDP address bound, as C{udp:PORT[:interface=...]}.
+        self.udp_spec: Optional[str] = None
         self.limits = dict(limits or {})
         self.state_dir = state_dir
         self.listen = listen_descriptions(listen)
@@ -155,7 +166,8 @@ class HubService(Service):
                 **self.limits,
             )
             self.hub.start()
-            self.links = HubLinkFactory(self.hub, reactor, self.keepalive)
+            self.udp_channels = self._listen_udp(reactor)
+            self.links = HubLinkFactory(self.hub, reactor, self.keepalive, udp=self.udp_channels)
             self.cascades = CascadeManager(self.hub, self.state_dir, tls_endpoint_for(reactor), self.keepalive)
             factory = TLSFactory(server_tls_options(cert, key), False, self.links)
             if self.role is not None:
@@ -201,10 +213,11 @@ class HubService(Service):
                 self.hub.shutdown()  # its sweep timer must not outlive a failed start
             raise fatal("sevpn-hub", str(os_error(e, "use") if isinstance(e, OSError) else e))
         Service.startService(self)
-        notify("READY=1", f"STATUS=listening on {', '.join(self.listen)}")
+        listening = self.listen + ([self.udp_spec] if self.udp_channels is not None else [])
+        notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
         self.log.info(
             "hub running: listening on {listen}, virtual hubs {hubs}, CA certificate {ca}",
-            listen=", ".join(self.listen), hubs=", ".join(state.hubs()), ca=os.path.join(self.state_dir, "ca.pem"),
+            listen=", ".join(listening), hubs=", ".join(state.hubs()), ca=os.path.join(self.state_dir, "ca.pem"),
         )
 
     def sessions(self) -> list:
@@ -249,8 +262,50 @@ class HubService(Service):
         """C{sevpn hub fabric}: this worker's part of the node's fabric."""
         return {"worker": self.worker, "segments": describe_fabric(self.fabric_members)}
 
+    def _listen_udp(self, reactor):
+        """The UDP port for the cards' channels, or None (logged) when there is none."""
+        from sevpn import tls, udp
+        from sevpn.channel import HubChannels
+
+        if not self.udp:
+            return None
+        spec = self.udp_listen or udp.default_spec(self.listen[0])
+        if spec is None:
+            self.log.warn("UDP channel off: its port cannot be told from --listen {listen}; give --udp-listen",
+                          listen=self.listen[0])
+            return None
+        if tls.EXPORTER_MISSING is not None:
+            self.log.warn("UDP channel off: {why}", why=tls.EXPORTER_MISSING)
+            return None
+        # Hub workers share their ports as a group (sevpn.reuseport); a
+        # role that can hand this worker its UDP socket of such a group
+        # offers listen_udp(spec) -> a bound socket.  Until then, workers
+        # offer no UDP: each would bind the same port alone.
+        listen_udp = getattr(self.role, "listen_udp", None) if self.role is not None else None
+        if self.role is not None and listen_udp is None:
+            self.log.warn("UDP channel off: hub workers share no UDP port yet")
+            return None
+        channels = HubChannels(reactor, 0)
+        try:
+            if listen_udp is not None:
+                self.udp_socket = udp.adopt(reactor, listen_udp(spec), channels)
+            else:
+                self.udp_socket = udp.listen(reactor, spec, channels)
+        except udp.SpecError as e:
+            raise StateError(f"--udp-listen: {e}")
+        except OSError as e:
+            raise StateError(f"cannot listen on {spec} (--udp-listen): {e.strerror or e}")
+        channels.port = self.udp_socket.port
+        channels.transport = self.udp_socket
+        host = self.udp_socket.socket.getsockname()[0]
+        self.udp_spec = f"udp:{channels.port}" + ("" if host in ("0.0.0.0", "::") else f":interface={host}")
+        return channels
+
     def status(self) -> dict:
         hub = self.hub
+        udp = {"udp": self.udp_spec if self.udp_channels is not None else None}
+        if self.udp_channels is not None:
+            udp.update(self.udp_channels.counters())
         return {
             "version": __version__,
             "state_dir": os.path.abspath(self.state_dir),
@@ -266,6 +321,7 @@ class HubService(Service):
             "loops": hub.loops.counters(),
             "bridges": describe_bridges(self.bridge_ports),
             **(self.role.status() if self.role is not None else {}),
+            **udp,
         }
 
     def _close(self) -> list:
@@ -276,6 +332,9 @@ class HubService(Service):
         self.fabric_members = []
         ports = self.ports + [p for p in (self.control_port, self.metrics_port) if p is not None]
         self.ports, self.control_port, self.metrics_port = [], None, None
+        if self.udp_socket is not None:
+            self.udp_socket.close()
+            self.udp_socket = None
         return [maybeDeferred(port.stopListening) for port in ports]
 
     def stopService(self):

@@ -18,6 +18,20 @@ from sevpn.switch import DEFAULT_MAX_MACS
 _TLS_TYPES = ("ssl", "tls", "txtls")
 
 
+def check_udp_listen(spec: str) -> str:
+    """C{spec} if it is a UDP address (L{sevpn.udp.parse_spec}), else a sentence naming C{--udp-listen}."""
+    from sevpn.udp import SpecError, parse_spec
+
+    try:
+        parse_spec(spec)
+    except SpecError as e:
+        raise usage.UsageError(f"--udp-listen: {e}")
+    return spec
+
+
+check_udp_listen.coerceDoc = "Checked when parsed."
+
+
 def check_listen(description: str) -> str:
     """
     C{description} if it is a server endpoint string the hub can listen
@@ -79,6 +93,9 @@ class Options(CommonOptions):
         ["max-macs", None, DEFAULT_MAX_MACS,
          "Source MACs one session may use (0: no limit; a user's own policy wins).",
          non_negative(int, "max-macs")],
+        ["udp-listen", None, None,
+         "UDP address of the cards' UDP channels, udp:PORT[:interface=ADDRESS] "
+         "(default: the port and interface of the first --listen).", check_udp_listen],
         ["resume-memory", None, defaults.RESUME_MEMORY >> 20,
          "MiB all sessions' resume buffers may hold together; held sessions give up their oldest first.",
          non_negative(int, "resume-memory")],
@@ -96,6 +113,7 @@ class Options(CommonOptions):
         ["metrics-public", None,
          "Let --metrics listen beyond loopback: the page shows user names and addresses to anyone who reaches it."],
         ["bridge-force", None, "Bridge an interface even if it carries an address the hub listens on."],
+        ["no-udp", None, "Offer cards no UDP channel: frames always go over TLS/TCP."],
     ]
 
     def __init__(self) -> None:
@@ -203,4 +221,6 @@ def makeService(config: Options) -> IService:
         bridge_force=config["bridge-force"],
         fabric=config["fabric"],
         role=role,
+        udp=not config["no-udp"],
+        udp_listen=config["udp-listen"],
     )

@@ -49,6 +49,7 @@ class Options(CommonOptions):
         ["no-auto-reconnect", None, "Do not reconnect after the link fails."],
         ["no-offload", None, "Open the TAP without kernel offload (no 64 KiB super-frames; slower)."],
         ["dhcp", None, "Get an address by DHCP (dhclient) once connected; released when the card stops."],
+        ["no-udp", None, "Never use a UDP channel: frames always go over TLS/TCP."],
     ]
 
     def __init__(self) -> None:
@@ -148,4 +149,5 @@ def makeService(config: Options) -> IService:
         buffer_limit=config["resume-buffer-bytes"],
         offload=not config["no-offload"],
         interface=config["interface"],
+        udp=not config["no-udp"],
     )

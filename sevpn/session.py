@@ -16,6 +16,13 @@ several links at once; frames go out over the first one (the others are
 there for the transports that join it later: more TCP connections, a UDP
 channel), and a link that leaves hands its place to the next.
 
+A UDP channel (L{sevpn.channel}) joins beside its TLS link while it
+works and leaves when it does not: it is used without a resend (the link
+beside it carries what is in flight), the output follows the pause state
+of whichever link is first, and while it is there a I{shaper} may adjust
+frames on their way (segment super-frames before they are numbered, clamp
+the MSS of TCP SYNs).
+
 Pure: no reactor, no sockets.  A session talks to two small interfaces:
 the links below it (L{ILink}) and, above it, whoever takes its arriving
 frames (L{IReceiver}: a switch port on the hub, the card's TAP port on a
@@ -25,7 +32,7 @@ card).  Frames flow link -> session -> receiver and receiver -> session
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 from zope.interface import Attribute, Interface
 
@@ -49,6 +56,16 @@ class ILink(Interface):
 
     def fail(reason: str) -> None:
         """Drop this link (the peer may resume on another)."""
+
+
+class IShaper(Interface):
+    """Adjusts frames on their way through a session (L{Session.shaper})."""
+
+    def outgoing(frames: Sequence) -> Sequence:
+        """The frames to number and send in place of C{frames}."""
+
+    def incoming(frames: Sequence) -> Sequence:
+        """The frames to deliver in place of C{frames} (as many, in order)."""
 
 
 class IReceiver(Interface):
@@ -84,6 +101,14 @@ class Session:
         self.receiver: Optional[IReceiver] = None
         self._links: List[ILink] = []
         self._reading_paused = False
+        #: Links whose transport asked us to stop writing.
+        self._paused_links: Set[ILink] = set()
+        #: Whether the receiver was last told the output is paused.
+        self._output_paused = False
+        #: An L{IShaper} while a UDP channel needs one, else None.
+        self.shaper: Optional[IShaper] = None
+        #: The UDP channel's state and counters, for status (L{sevpn.channel.ChannelStatus}).
+        self.udp = None
         self.frames_in = 0
         self.frames_out = 0
         self.bytes_in = 0
@@ -101,11 +126,13 @@ class Session:
         """Whether the peer's claim to have received up to C{peer_received} is possible."""
         return 0 <= peer_received < self.sent.next_seq
 
-    def use_link(self, link: ILink, peer_received: int = 0) -> None:
+    def use_link(self, link: ILink, peer_received: Optional[int] = 0) -> None:
         """
         Carry this session over C{link} from now on, and resend, in order,
         every held frame above C{peer_received} (the last frame the peer
-        says it got; check it first with L{can_resume_from}).
+        says it got; check it first with L{can_resume_from}).  With
+        C{peer_received=None} nothing is resent: C{link} joins beside a
+        live one that carries what is in flight (a UDP channel).
         """
         if link in self._links:
             return
@@ -113,6 +140,9 @@ class Session:
         self.sent.linked = True
         if self._reading_paused:
             link.pause_reading()
+        self._first_link_changed()
+        if peer_received is None:
+            return
         for first, payload in self.sent.resend_after(peer_received):
             link.send_data(first, payload)
 
@@ -120,7 +150,22 @@ class Session:
         """C{link} is gone: frames are held until another link is used."""
         if link in self._links:
             self._links.remove(link)
+        self._paused_links.discard(link)
         self.sent.linked = bool(self._links)
+        self._first_link_changed()
+
+    def _first_link_changed(self) -> None:
+        """The output follows the pause state of the link that now carries it."""
+        link = self.link
+        if link is None or self.receiver is None:
+            return
+        paused = link in self._paused_links
+        if paused != self._output_paused:
+            self._output_paused = paused
+            if paused:
+                self.receiver.output_paused()
+            else:
+                self.receiver.output_resumed()
 
     def close(self) -> None:
         """The session ended: let go of what it held."""
@@ -131,6 +176,8 @@ class Session:
 
     def send_frames(self, frames: Sequence) -> None:
         """Number C{frames} and send them, or hold them while no link is up."""
+        if self.shaper is not None:
+            frames = self.shaper.outgoing(frames)
         if not frames:
             return
         first, payload = self.sent.append(frames)
@@ -154,6 +201,8 @@ class Session:
         if frames:
             self.frames_in += len(frames)
             self.bytes_in += size
+            if self.shaper is not None:
+                frames = self.shaper.incoming(frames)
             self.receiver.frames_received(frames)
 
     def ack_received(self, ack: int) -> None:
@@ -174,12 +223,16 @@ class Session:
 
     def link_paused(self, link: ILink) -> None:
         """C{link}'s transport asked us to stop writing for now."""
+        self._paused_links.add(link)
         if link is self.link and self.receiver is not None:
+            self._output_paused = True
             self.receiver.output_paused()
 
     def link_resumed(self, link: ILink) -> None:
         """C{link}'s transport takes data again."""
+        self._paused_links.discard(link)
         if link is self.link and self.receiver is not None:
+            self._output_paused = False
             self.receiver.output_resumed()
 
     def pause_reading(self) -> None:
@@ -210,4 +263,5 @@ class Session:
             # lost from the resume buffer (it overflowed during an outage)
             "frames_dropped": self.sent.dropped,
             "frames_lost_inbound": self.received.lost,
+            **(self.udp.counters() if self.udp is not None else {"udp": "off"}),
         }

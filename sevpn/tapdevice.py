@@ -202,6 +202,19 @@ class TapPort(Port):
                     raise
                 self.write_drops += 1
 
+    # segmentation (for the UDP channel, L{sevpn.channel}) ---------------------
+
+    def segment_in_kernel(self, on: bool) -> None:
+        """
+        With C{on}, TCP super-frames are cut to the MTU by the kernel before
+        they reach us (TSO off, checksum offload kept): a UDP channel would
+        otherwise segment them in Python, at about twice the card's CPU per
+        segment.  Off restores TSO.  Nothing changes without offload.
+        """
+        if self.offload and self.fd >= 0:
+            tso = 0 if on else TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | tso)
+
     def counters(self) -> dict:
         """The port's counters and the writes the kernel refused."""
         info = super().counters()

@@ -33,7 +33,14 @@ resolved once, at import (L{_resolve}):
    C{lib.SSL_ERROR_WANT_READ}) and C{Connection._ssl}/C{Connection._from_ssl}.
 
 If any is missing, links use Twisted's plain L{TLSMemoryBIOProtocol} (same
-bytes, slower) and one log line says why.  setup.cfg bounds the versions
+bytes, slower) and one log line says why.
+
+The UDP channel's keys (L{keying_material}) come through a second, smaller
+fence, resolved at import too: Twisted's C{TLSMemoryBIOProtocol.getHandle}
+(public, but documented as meant for certificates) and pyOpenSSL's
+C{Connection.export_keying_material}.  Without them there are no keys, so
+no UDP channel: cards and the hub stay on TLS over TCP
+(L{EXPORTER_MISSING} says why; tests/test_channel.py runs that fallback).  setup.cfg bounds the versions
 this was checked with; tests/test_tls.py runs the real-TLS tests through
 both paths, including writes larger than the scratch buffer and partial
 socket writes.
@@ -96,6 +103,42 @@ def _resolve() -> Tuple[Optional[SimpleNamespace], Optional[str]]:
     except (ImportError, AttributeError) as e:
         return None, f"pyOpenSSL's binding is not the one this was checked with ({e})"
     return SimpleNamespace(ffi=ffi, lib=lib, **lib_names), None
+
+
+def _resolve_exporter() -> Optional[str]:
+    """Why TLS keying material cannot be exported here, or None if it can."""
+    from OpenSSL import SSL
+
+    if not callable(getattr(TLSMemoryBIOProtocol, "getHandle", None)):
+        return "Twisted's TLSMemoryBIOProtocol has no getHandle"
+    if not callable(getattr(SSL.Connection, "export_keying_material", None)):
+        return "pyOpenSSL's Connection has no export_keying_material"
+    return None
+
+
+#: Why the UDP channel cannot have keys here (None: it can).
+EXPORTER_MISSING = _resolve_exporter()
+
+
+def keying_material(transport, label: bytes, length: int, context: bytes) -> Optional[bytes]:
+    """
+    C{length} bytes exported (RFC 5705) from the TLS session under a link:
+    C{transport} is the link's transport, the TLS protocol.  Both ends of
+    one session get the same bytes for the same label and context.  None
+    where there is nothing to export from: no fence (L{EXPORTER_MISSING}),
+    a transport that is not TLS, a handshake not finished.
+    """
+    if EXPORTER_MISSING is not None:
+        return None
+    get_handle = getattr(transport, "getHandle", None)
+    export = getattr(get_handle() if get_handle is not None else None, "export_keying_material", None)
+    if export is None:
+        return None
+    try:
+        material = export(label, length, context)
+    except Error:
+        return None
+    return material if isinstance(material, bytes) and len(material) == length else None
 
 
 _fast, FALLBACK_REASON = _resolve()

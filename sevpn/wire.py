@@ -46,6 +46,8 @@ DATA = 4
 ACK = 5
 NULL = 6
 GOODBYE = 7
+#: Only inside a UDP channel's datagrams (see L{Probe}), never on the TLS stream.
+PROBE = 8
 
 #: The handshake messages: after one, L{Decoder.feed} stops (see there).
 HANDSHAKE = frozenset({HELLO, WELCOME, REFUSED, GOODBYE})
@@ -58,6 +60,7 @@ NAMES = {
     ACK: "ACK",
     NULL: "NULL",
     GOODBYE: "GOODBYE",
+    PROBE: "PROBE",
 }
 
 #: Handshake feature: data frames carry a 10-byte virtio_net_hdr and may be
@@ -66,6 +69,9 @@ FEATURE_OFFLOAD = "vnet-hdr"
 #: Handshake feature: the peer is another hub's cascade (a whole LAN behind
 #: one session), allowed only for users the hub's operator marked so.
 FEATURE_CASCADE = "cascade"
+#: Handshake feature: a UDP channel beside the link carries frames while it
+#: works (the welcome says where; see L{sevpn.channel}).
+FEATURE_UDP = "udp"
 
 
 #: The largest body accepted.  A DATA message batches frames up to
@@ -329,16 +335,22 @@ class Welcome:
     hub: str
     resume_window: float
     features: FrozenSet[str] = frozenset()
+    #: With L{FEATURE_UDP}: the hub's UDP port and this link's channel id.
+    udp_port: Optional[int] = None
+    udp_channel: Optional[int] = None
 
     kind = WELCOME
 
     def encode(self) -> bytes:
         """The WELCOME message."""
-        return _encode_json(WELCOME, {
+        obj = {
             "session": self.session, "token": self.token, "resumed": self.resumed,
             "received": self.received, "hub": self.hub, "resume_window": self.resume_window,
             "features": sorted(self.features),
-        })
+        }
+        if self.udp_port is not None:
+            obj["udp"] = {"port": self.udp_port, "channel": f"{self.udp_channel:016x}"}
+        return _encode_json(WELCOME, obj)
 
     @classmethod
     def decode(cls, body: Buffer) -> "Welcome":
@@ -350,6 +362,7 @@ class Welcome:
             raise ProtocolError("the hub's welcome does not say whether the session was resumed")
         if type(window) not in (int, float) or not 0 <= window <= 86400:
             raise ProtocolError("the hub's welcome has no valid resume window")
+        features = _features(obj.get("features"))
         return cls(
             _text(obj.get("session"), "the welcome's session id", 64),
             _text(obj.get("token"), "the welcome's token", 64),
@@ -357,8 +370,23 @@ class Welcome:
             _count(obj.get("received"), "the welcome's 'received' count"),
             _text(obj.get("hub"), "the welcome's virtual hub", 64),
             float(window),
-            _features(obj.get("features")),
+            features,
+            *_udp(obj.get("udp"), FEATURE_UDP in features),
         )
+
+
+def _udp(value: object, offered: bool) -> Tuple[Optional[int], Optional[int]]:
+    """A welcome's UDP port and channel id: checked when the hub offers UDP, else ignored."""
+    if not offered:
+        return None, None
+    if not isinstance(value, dict):
+        raise ProtocolError("the hub's welcome offers UDP without its port and channel")
+    port, channel = value.get("port"), value.get("channel")
+    if type(port) is not int or not 0 < port < 65536:
+        raise ProtocolError("the hub's welcome has no valid UDP port")
+    if not isinstance(channel, str) or re.fullmatch(r"[0-9a-f]{16}", channel) is None or int(channel, 16) == 0:
+        raise ProtocolError("the hub's welcome has no valid UDP channel id")
+    return port, int(channel, 16)
 
 
 @dataclass(frozen=True)
@@ -550,3 +578,56 @@ class Decoder:
         # buffer; the bodies handed out stay views of the old one.
         self._buffer = bytearray(view[pos:]) if pos < end else bytearray()
         return messages
+
+
+# -- the UDP channel -----------------------------------------------------------
+#
+# A channel's datagram carries exactly one message in this framing: DATA,
+# ACK or PROBE (see sevpn.datagram for the sealing around it).
+
+_PROBE = struct.Struct("!QBQ")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """
+    A UDP channel's liveness probe, or its answer (C{reply}).  C{hearing}:
+    the sender receives the peer's datagrams (its side of the channel is
+    up); C{token} is echoed in the answer; C{ack} as in an ACK.
+    """
+
+    ack: int
+    token: int
+    reply: bool = False
+    hearing: bool = False
+
+    kind = PROBE
+    REPLY = 1
+    HEARING = 2
+
+    def encode(self) -> bytes:
+        flags = (self.REPLY if self.reply else 0) | (self.HEARING if self.hearing else 0)
+        return encode(PROBE, _PROBE.pack(self.ack, flags, self.token))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> "Probe":
+        if len(body) != _PROBE.size:
+            raise ProtocolError(f"PROBE message of {len(body)} bytes, not {_PROBE.size}")
+        ack, flags, token = _PROBE.unpack_from(body)
+        return cls(ack, token, bool(flags & cls.REPLY), bool(flags & cls.HEARING))
+
+
+#: What a channel's datagram may carry.
+DATAGRAM_KINDS = frozenset({DATA, ACK, PROBE})
+
+
+def decode_datagram(plaintext: Buffer) -> Tuple[int, memoryview]:
+    """The one message of an opened datagram: its type and body."""
+    if len(plaintext) < HEADER_SIZE:
+        raise ProtocolError("a datagram shorter than a message header")
+    length, kind = _HEADER.unpack_from(plaintext)
+    if kind not in DATAGRAM_KINDS:
+        raise ProtocolError(f"a datagram carries a {NAMES.get(kind, kind)} message")
+    if length != len(plaintext) - HEADER_SIZE:
+        raise ProtocolError("a datagram's message length does not match the datagram")
+    return kind, memoryview(plaintext)[HEADER_SIZE:]

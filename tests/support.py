@@ -6,10 +6,12 @@ L{twisted.internet.task.Clock}.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
 import tempfile
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from twisted.internet import address
 from twisted.internet.defer import fail, succeed
@@ -22,6 +24,7 @@ from zope.interface import implementer
 
 from sevpn.accounts import Account
 from sevpn.card import Card, NicSide
+from sevpn.channel import HubChannels, IDatagramTransport
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
 from sevpn.port import Port
@@ -50,8 +53,11 @@ class MemoryTransport:
 
     disconnecting = False
 
-    def __init__(self, network: "MemoryNetwork", port: int, host: str = "192.0.2.1") -> None:
+    def __init__(self, network: "MemoryNetwork", port: int, host: str = "192.0.2.1",
+                 tls: Optional["MemoryTLS"] = None, peer: Optional[Tuple[str, int]] = None) -> None:
         self.host = host
+        self.tls = tls
+        self.peer = peer
         self.network = network
         self.buffer: List[bytes] = []
         self.peer_transport: Optional["MemoryTransport"] = None
@@ -87,7 +93,13 @@ class MemoryTransport:
         self.producer = None
 
     def getPeer(self):
+        if self.peer is not None:
+            return address.IPv4Address("TCP", *self.peer)
         return address.IPv4Address("TCP", self.host, self.port)
+
+    def getHandle(self):
+        """The connection's TLS session, as L{sevpn.tls.keying_material} asks for it."""
+        return self.tls
 
     def getHost(self):
         return address.IPv4Address("TCP", "192.0.2.2", 5555)
@@ -96,6 +108,7 @@ class MemoryTransport:
 class Connection:
     def __init__(self, client, server, ct: MemoryTransport, st: MemoryTransport) -> None:
         self.client, self.server, self.ct, self.st = client, server, ct, st
+        self.network = ct.network
         self.alive = True
 
     def pump(self) -> bool:
@@ -103,6 +116,7 @@ class Connection:
         for src, dst, dst_transport in ((self.ct, self.server, self.st), (self.st, self.client, self.ct)):
             if src.buffer and self.alive and not dst_transport.reading_paused:
                 data, src.buffer = b"".join(src.buffer), []
+                self.network.carried += len(data)
                 dst.dataReceived(data)
                 moved = True
         if self.alive and not moved and (self.ct.disconnecting or self.st.disconnecting):
@@ -130,12 +144,18 @@ class MemoryNetwork:
         self.up = True
         self.connections: List[Connection] = []
         self._ports = iter(range(40000, 60000))
+        #: Bytes the TCP connections carried (both ways).
+        self.carried = 0
+        #: Whether connections have a TLS session to export keys from (L{MemoryTLS}).
+        self.tls = True
 
     def connect(self, factory, host: str = "192.0.2.1"):
         if not self.up:
             return fail(ConnectionRefusedError("the line is down"))
         port = next(self._ports)
-        ct, st = MemoryTransport(self, port, host), MemoryTransport(self, port, host)
+        tls = MemoryTLS() if self.tls else None
+        ct = MemoryTransport(self, port, host, tls, peer=HUB_ADDRESS)
+        st = MemoryTransport(self, port, host, tls)
         client = factory.buildProtocol(None)
         server = self.server_factory.buildProtocol(None)
         conn = Connection(client, server, ct, st)
@@ -144,10 +164,15 @@ class MemoryNetwork:
         client.makeConnection(ct)
         return succeed(client)
 
+    #: The in-memory UDP network beside it, if the lab has one.
+    datagrams: Optional["MemoryDatagrams"] = None
+
     def pump(self, rounds: int = 200) -> None:
         for _ in range(rounds):
             self.clock.advance(0)
             moved = False
+            if self.datagrams is not None:
+                moved = self.datagrams.pump()
             for conn in list(self.connections):
                 moved = conn.pump() or moved
             self.connections = [c for c in self.connections if c.alive]
@@ -171,6 +196,115 @@ class MemoryNetwork:
 
     def restore(self) -> None:
         self.up = True
+
+
+#: Where the hub of the in-memory network is.
+HUB_ADDRESS = ("192.0.2.2", 5555)
+
+
+class MemoryTLS:
+    """
+    What a link's TLS session offers the UDP channel: RFC 5705 exporting,
+    here from a secret both ends of one in-memory connection share (a
+    test double of pyOpenSSL's C{Connection}).
+    """
+
+    def __init__(self) -> None:
+        self.secret = os.urandom(32)
+
+    def export_keying_material(self, label: bytes, olen: int, context: Optional[bytes] = None) -> bytes:
+        out = b""
+        block = 0
+        while len(out) < olen:
+            out += hashlib.sha256(self.secret + label + (context or b"") + bytes([block])).digest()
+            block += 1
+        return out[:olen]
+
+
+@implementer(IDatagramTransport)
+class MemorySocket:
+    """One UDP socket on the in-memory datagram network."""
+
+    def __init__(self, network: "MemoryDatagrams", address: Tuple[str, int], receiver,
+                 remote: Optional[Tuple[str, int]] = None) -> None:
+        self.network = network
+        self.address = address
+        self.receiver = receiver
+        self.remote = remote
+        self.closed = False
+
+    def send(self, data, address=None) -> bool:
+        if self.closed:
+            return False
+        to = self.remote or address
+        if to is None:
+            return False
+        self.network.carry(self.address, to, bytes(data))
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.network.sockets.pop(self.address, None)
+
+
+class MemoryDatagrams:
+    """
+    UDP in memory: datagrams wait until the lab pumps, then reach the
+    socket bound to their address.  Tests make the line lossy (C{loss}, a
+    seeded draw), block it (C{blocked}: all, or C{"to-hub"} / C{"to-card"}),
+    look at what crossed (C{log}) and inject datagrams of their own.
+    """
+
+    def __init__(self, seed: int = 1) -> None:
+        self.random = random.Random(seed)
+        self.loss = 0.0
+        self.blocked: object = False
+        self.sockets: Dict[Tuple[str, int], MemorySocket] = {}
+        self.queue: List[Tuple[Tuple[str, int], Tuple[str, int], bytes]] = []
+        #: Everything sent: (source, destination, datagram).
+        self.log: List[Tuple[Tuple[str, int], Tuple[str, int], bytes]] = []
+        self.lost = 0
+        self._ports = iter(range(30000, 40000))
+
+    def bind(self, address: Tuple[str, int], receiver) -> MemorySocket:
+        sock = self.sockets[address] = MemorySocket(self, address, receiver)
+        return sock
+
+    def connect(self, host: str, remote: Tuple[str, int], receiver) -> MemorySocket:
+        address = (host, next(self._ports))
+        sock = self.sockets[address] = MemorySocket(self, address, receiver, remote)
+        return sock
+
+    def carry(self, source, destination, data: bytes) -> None:
+        self.log.append((source, destination, data))
+        to_hub = destination == HUB_ADDRESS
+        if self.blocked is True or self.blocked == ("to-hub" if to_hub else "to-card"):
+            self.lost += 1
+            return
+        if self.loss and self.random.random() < self.loss:
+            self.lost += 1
+            return
+        self.queue.append((source, destination, data))
+
+    def inject(self, source, destination, data: bytes) -> None:
+        """A datagram from anyone (a forger, a replay), delivered at the next pump."""
+        self.queue.append((source, destination, data))
+
+    def pump(self) -> bool:
+        if not self.queue:
+            return False
+        queue, self.queue = self.queue, []
+        read = []
+        for source, destination, data in queue:
+            sock = self.sockets.get(destination)
+            if sock is None or sock.closed:
+                continue
+            sock.receiver.datagram_received(memoryview(data), source)
+            if sock not in read:
+                read.append(sock)
+        for sock in read:
+            sock.receiver.read_done()
+        return True
 
 
 @implementer(IStreamClientEndpoint)
@@ -204,6 +338,12 @@ class FakeTap(Port):
         self.carrier = on
         self.carrier_changes.append(on)
 
+    #: Whether the kernel would cut super-frames now (L{sevpn.tapdevice.TapPort.segment_in_kernel}).
+    segmenting = False
+
+    def segment_in_kernel(self, on: bool) -> None:
+        self.segmenting = on
+
     def os_sends(self, frames) -> None:
         """The OS sends C{frames} through the card, as one read of the TAP."""
         self.sink.forward(self, frames)
@@ -213,7 +353,8 @@ class FakeTap(Port):
 class Lab:
     """A hub and cards on one clock and one in-memory network."""
 
-    def __init__(self, testcase, resume_window: float = 60.0, buffer_limit: int = 1 << 20, clock=None) -> None:
+    def __init__(self, testcase, resume_window: float = 60.0, buffer_limit: int = 1 << 20, clock=None,
+                 udp: bool = False) -> None:
         self.clock = clock or Clock()
         self.state_dir = tempfile.mkdtemp(prefix="sevpn-test-")
         testcase.addCleanup(shutil.rmtree, self.state_dir, True)
@@ -221,7 +362,16 @@ class Lab:
         self.state.ensure_default()
         self.keepalive = Keepalive(random=lambda: 0.5)
         self.hub = Hub(self.state, self.clock, resume_window=resume_window, buffer_limit=buffer_limit)
-        self.network = MemoryNetwork(self.clock, HubLinkFactory(self.hub, self.clock, self.keepalive))
+        #: With C{udp}: the UDP network, and the hub's UDP port on it.
+        self.datagrams: Optional[MemoryDatagrams] = None
+        self.channels: Optional[HubChannels] = None
+        if udp:
+            self.datagrams = MemoryDatagrams()
+            self.channels = HubChannels(self.clock, HUB_ADDRESS[1])
+            self.channels.transport = self.datagrams.bind(HUB_ADDRESS, self.channels)
+        self.network = MemoryNetwork(self.clock, HubLinkFactory(self.hub, self.clock, self.keepalive,
+                                                                udp=self.channels))
+        self.network.datagrams = self.datagrams
         self.resume_window = resume_window
         self.buffer_limit = buffer_limit
         self._users = set()
@@ -244,6 +394,8 @@ class Lab:
         if (user, hub) not in self._users and password == "secret":
             self.user(user, hub=hub)
             self._users.add((user, hub))
+        if self.datagrams is not None and "udp" not in kw:
+            kw["udp"] = lambda hub, port, receiver: self.datagrams.connect(host, (hub, port), receiver)
         card = Card(
             self.clock, NicSide(FakeTap(self.clock, kw.pop("offload", False))), mac(n),
             lambda account: FromHost(self.network, host),

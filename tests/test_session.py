@@ -133,3 +133,50 @@ class Links(SynchronousTestCase):
         self.session.link_paused(b)
         self.session.link_resumed(b)
         self.assertEqual(self.receiver.events, ["paused", "resumed"])
+
+
+class BesideALink(SynchronousTestCase):
+    """A UDP channel joins beside the TLS link and leaves again (sevpn.channel)."""
+
+    def setUp(self):
+        self.session = Session(buffer_limit=1 << 20)
+        self.receiver = self.session.receiver = RecordingReceiver()
+        self.tcp = RecordingLink()
+        self.session.use_link(self.tcp, 0)
+
+    def test_joining_beside_resends_nothing_and_acks_nothing(self):
+        self.session.send_frames(numbered(3))
+        udp = RecordingLink()
+        self.session.use_link(udp, None)
+        self.assertEqual(udp.sent, [])
+        self.assertEqual(self.session.sent.held, 3)
+        self.session.send_frames(numbered(1, 3))
+        self.assertEqual(udp.frames(), numbered(1, 3))
+
+    def test_the_output_follows_the_pause_state_of_the_first_link(self):
+        self.session.link_paused(self.tcp)
+        udp = RecordingLink()
+        self.session.use_link(udp, None)  # the channel never pauses
+        self.session.stop_using_link(udp)  # back to the paused TLS link
+        self.session.link_resumed(self.tcp)
+        self.assertEqual(self.receiver.events, ["paused", "resumed", "paused", "resumed"])
+
+    def test_a_shaper_sees_frames_both_ways(self):
+        from zope.interface import implementer
+
+        from sevpn.session import IShaper
+
+        @implementer(IShaper)
+        class Doubling:
+            def outgoing(self, frames):
+                return [f for f in frames for _ in (0, 1)]
+
+            def incoming(self, frames):
+                return [bytes(f).upper() for f in frames]
+
+        self.session.shaper = Doubling()
+        self.session.send_frames(numbered(1))
+        self.assertEqual(self.tcp.frames(), numbered(1) * 2)
+        self.assertEqual(self.session.frames_out, 2)
+        self.session.data_received(1, 0, [b"abc" * 10], 30)
+        self.assertEqual(self.receiver.got, [b"ABC" * 10])

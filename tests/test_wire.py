@@ -186,3 +186,50 @@ class BadInput(SynchronousTestCase):
             decode_all(data)
         except wire.ProtocolError:
             pass
+
+
+class UdpChannel(SynchronousTestCase):
+    """The UDP channel's part of the protocol: the welcome's offer, probes, datagram messages."""
+
+    GOOD = {"session": "s", "token": "t", "resumed": False, "received": 0, "hub": "DEFAULT", "resume_window": 60}
+
+    def test_welcome_offer_round_trip(self):
+        welcome = wire.Welcome("s", "t", False, 0, "DEFAULT", 60.0, frozenset({wire.FEATURE_UDP}),
+                               udp_port=5555, udp_channel=0xFEDCBA9876543210)
+        kind, body = wire.Decoder().feed(welcome.encode())[0]
+        self.assertEqual(wire.Welcome.decode(body), welcome)
+        self.assertIn(b'"channel":"fedcba9876543210"', welcome.encode())  # text: JSON numbers lose bits
+
+    def test_offer_checked_only_when_udp_is_listed(self):
+        with_udp = dict(self.GOOD, features=["udp"], udp={"port": 5555, "channel": "00000000000000ff"})
+        self.assertEqual(wire.Welcome.decode(json.dumps(with_udp).encode()).udp_channel, 255)
+        # an old hub: no feature, anything under "udp" is ignored
+        old = dict(self.GOOD, udp="whatever")
+        welcome = wire.Welcome.decode(json.dumps(old).encode())
+        self.assertEqual((welcome.udp_port, welcome.udp_channel), (None, None))
+        for udp in (None, "x", {"port": 0, "channel": "00000000000000ff"}, {"port": 65536, "channel": "ff" * 8},
+                    {"port": True, "channel": "ff" * 8}, {"port": 5555, "channel": "0" * 16},
+                    {"port": 5555, "channel": "ff"}, {"port": 5555, "channel": "FF" * 8},
+                    {"port": 5555, "channel": 255}, {"port": 5555}):
+            bad = dict(self.GOOD, features=["udp"], udp=udp)
+            self.assertRaises(wire.ProtocolError, wire.Welcome.decode, json.dumps(bad).encode())
+
+    def test_probe_round_trip(self):
+        for probe in (wire.Probe(7, 1), wire.Probe(0, 2, reply=True), wire.Probe(wire.MAX_SEQ, 3, hearing=True),
+                      wire.Probe(1, 4, reply=True, hearing=True)):
+            kind, body = wire.decode_datagram(probe.encode())
+            self.assertEqual(kind, wire.PROBE)
+            self.assertEqual(wire.Probe.decode(body), probe)
+        self.assertRaises(wire.ProtocolError, wire.Probe.decode, b"\x00" * 16)
+
+    def test_datagram_messages(self):
+        data = wire.encode_data(1, 0, wire.encode_frames([b"e" * 60]))
+        self.assertEqual(wire.decode_datagram(data)[0], wire.DATA)
+        self.assertEqual(wire.decode_datagram(wire.encode_ack(3))[0], wire.ACK)
+        for bad in (b"", b"\x00\x00", data[:-1], data + b"x", wire.Goodbye("x").encode(),
+                    wire.encode_null(0, b"pad"), wire.encode(99, b"")):
+            self.assertRaises(wire.ProtocolError, wire.decode_datagram, bad)
+
+    def test_a_probe_on_the_tls_stream_is_not_data(self):
+        [(kind, _)] = wire.Decoder().feed(wire.Probe(0, 1).encode())
+        self.assertEqual(kind, wire.PROBE)  # known, and the link refuses it as unexpected

@@ -252,9 +252,9 @@ def hub_sessions(args) -> None:
         print_json(rows)
         return
     keys = ["id", "kind", "hub", "user", "peer", "state", "uptime", "bytes_in", "bytes_out", "frames_in", "frames_out",
-            "resumes", "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops"]
+            "resumes", "frames_buffered", "frames_retransmitted", "frames_dropped", "congestion_drops", "udp"]
     headers = ["id", "kind", "hub", "user", "peer", "state", "uptime", "in", "out", "frames in", "frames out",
-               "resumes", "held", "resent", "dropped", "congestion"]
+               "resumes", "held", "resent", "dropped", "congestion", "udp"]
     if any("worker" in row for row in rows):  # a hub with --workers: where each session is
         keys.insert(1, "worker")
         headers.insert(1, "worker")

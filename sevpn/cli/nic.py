@@ -14,7 +14,9 @@ from sevpn.files import StateDir
 STATUS_ORDER = [
     "state", "account", "hub", "hub_name", "user", "tap", "mac", "carrier", "session", "uptime",
     "reconnects", "resumes", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_buffered",
-    "frames_retransmitted", "frames_dropped", "congestion_drops", "last_error", "version", "state_dir",
+    "frames_retransmitted", "frames_dropped", "congestion_drops",
+    "udp", "udp_peer", "udp_datagrams_in", "udp_datagrams_out", "udp_bad", "udp_replayed",
+    "last_error", "version", "state_dir",
 ]
 
 
