@@ -8,9 +8,9 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sevpn import channel, datagram, offload as vnet, wire
+from sevpn import channel, offload as vnet, wire
 from sevpn.accounts import Account
-from tests.support import BROADCAST, HUB_ADDRESS, Lab, frame, mac, payloads
+from tests.support import HUB_ADDRESS, Lab, frame, mac, payloads
 from tests.test_mss import MSS, mss_of, syn4, tcp_of
 from tests.test_offload import gso, ipv4_tcp, verify_tcp4
 
