@@ -42,6 +42,7 @@ What a node holds (its copy) and what an outage costs, exactly:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -208,27 +209,35 @@ class PostgresUserStore(UserRules):
         return self._conn
 
     def _migrate(self, conn: psycopg.Connection) -> None:
-        """Bring the schema to L{SCHEMA_VERSION}: idempotent, one node at a time."""
-        with conn.transaction():
-            if self._version(conn) == SCHEMA_VERSION:
-                return
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            if conn.execute("SELECT to_regclass('sevpn_schema')").fetchone()[0] is None:
-                conn.execute("CREATE TABLE sevpn_schema (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
-                             "version integer NOT NULL)")
-                conn.execute("INSERT INTO sevpn_schema (version) VALUES (0)")
-            version = self._version(conn)
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"the user database {self.where} has schema version {version}, newer than this sevpn knows "
-                    f"({SCHEMA_VERSION}): upgrade sevpn on this node"
-                )
-            for target, statements in MIGRATIONS:
-                if target > version:
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute("UPDATE sevpn_schema SET version = %s", (target,))
-                    self.log.info("user database {where}: schema brought to version {v}", where=self.where, v=target)
+        """
+        Bring the schema to L{SCHEMA_VERSION}: idempotent, one node at a
+        time (a session lock, then a transaction that starts after it, so
+        that it sees what a node before it made).
+        """
+        if self._version(conn) == SCHEMA_VERSION:
+            return
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            with conn.transaction():
+                if conn.execute("SELECT to_regclass('sevpn_schema')").fetchone()[0] is None:
+                    conn.execute("CREATE TABLE sevpn_schema (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
+                                 "version integer NOT NULL)")
+                    conn.execute("INSERT INTO sevpn_schema (version) VALUES (0)")
+                version = self._version(conn)
+                if version > SCHEMA_VERSION:
+                    raise StateError(
+                        f"the user database {self.where} has schema version {version}, newer than this sevpn "
+                        f"knows ({SCHEMA_VERSION}): upgrade sevpn on this node"
+                    )
+                for target, statements in MIGRATIONS:
+                    if target > version:
+                        for statement in statements:
+                            conn.execute(statement)
+                        conn.execute("UPDATE sevpn_schema SET version = %s", (target,))
+                        self.log.info("user database {where}: schema brought to version {v}",
+                                      where=self.where, v=target)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
     @staticmethod
     def _version(conn: psycopg.Connection) -> int:
@@ -554,17 +563,19 @@ class NotifyReader:
     """
     The listening connection's socket, read by the reactor: each read
     takes what arrived (C{PGconn.consume_input}, psycopg's documented
-    libpq layer) and reports whether a notification came.
+    libpq layer) and reports whether a notification came.  The reactor
+    watches a duplicate of the socket's descriptor, which stays valid
+    until L{connectionLost} even when libpq closes its own on an error.
     """
 
     def __init__(self, conn: psycopg.Connection, notified: Callable[[], None], lost: Callable[[], None]) -> None:
         self.conn = conn
         self.notified = notified
         self.lost = lost
-        self._fileno = conn.pgconn.socket
+        self._fd = os.dup(conn.pgconn.socket)
 
     def fileno(self) -> int:
-        return -1 if self.conn.closed else self._fileno
+        return self._fd
 
     def logPrefix(self) -> str:
         return "user-database"
@@ -583,6 +594,9 @@ class NotifyReader:
         return None
 
     def connectionLost(self, reason) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
         try:
             self.conn.close()
         except psycopg.Error:

@@ -78,6 +78,8 @@ class Cluster:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip()}\n{tail}")
 
     def start(self) -> None:
+        if self.running:
+            return
         self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o",
                   f"-k {self.dir} -c listen_addresses='' -F -c max_connections=200", "start")
         self.running = True
@@ -106,12 +108,12 @@ class Cluster:
             return cursor.fetchall() if cursor.description else []
 
     def database(self, testcase) -> str:
-        """A fresh database for C{testcase} (dropped after it): its URL."""
+        """A fresh database for C{testcase} (dropped after it): its name (L{url} makes its URL)."""
         self._databases += 1
         name = f"t{os.getpid()}_{self._databases}"
         self.sql(f"CREATE DATABASE {name}")
         testcase.addCleanup(self._drop, name)
-        return self.url(name)
+        return name
 
     def _drop(self, name: str) -> None:
         if self.running:

@@ -211,7 +211,8 @@ class PostgresStore(StoreContract, SynchronousTestCase):
     def setUp(self):
         from sevpn.pgusers import PostgresUserStore
 
-        self.url = pgcluster.shared().database(self)
+        cluster = pgcluster.shared()
+        self.url = cluster.url(cluster.database(self))
         self.store = PostgresUserStore(self.url)
         self.addCleanup(self.store.close)
 
