@@ -407,3 +407,102 @@ class Location(SynchronousTestCase):
         self.assertEqual(s.where, "postgresql://sevpn@db.example.org:5433/users")
         self.assertEqual(s.params["connect_timeout"], "2")
         self.assertIn("statement_timeout=2000", s.params["options"])
+
+
+class HubOptions(SynchronousTestCase):
+    """C{twistd sevpn-hub --users ...}."""
+
+    def parse(self, *args):
+        from sevpn.hubtap import Options
+
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_the_service_gets_the_store(self):
+        from sevpn.hubtap import makeService
+
+        config = self.parse("--users", "postgresql://sevpn@db.example.org/sevpn", "--users-grace", "60")
+        service = makeService(config)
+        self.assertEqual((service.users, service.users_settings),
+                         ("postgresql://sevpn@db.example.org/sevpn", {"grace": 60.0}))
+        self.assertIsNone(makeService(self.parse()).users)  # the state dir's files by default
+
+    def test_mistakes_are_sentences(self):
+        from twisted.python.usage import UsageError
+
+        e = self.assertRaises(UsageError, self.parse, "--users", "postgresql://sevpn:hunter2@db/sevpn")
+        self.assertIn("--users: the URL holds a password", str(e))
+        e = self.assertRaises(UsageError, self.parse, "--users", "postgresql://a@b/c", "--users-file", "/x")
+        self.assertEqual(str(e), "give --users or --users-file, not both")
+        e = self.assertRaises(UsageError, self.parse, "--users-grace", "-1")
+        self.assertIn("--users-grace must not be negative", str(e))
+
+
+class Commands(SynchronousTestCase):
+    """The real C{sevpn hub ...} commands on the shared users (C{--users-file}), no hub running."""
+
+    def setUp(self):
+        from tests.test_cli import sevpn
+
+        self.sevpn = sevpn
+        cluster = pgcluster.shared()
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.url_file = os.path.join(self.dir, "users.url")
+        with open(self.url_file, "w") as f:
+            f.write(cluster.url(cluster.database(self)) + "\n")
+        self.pw = os.path.join(self.dir, "pw")
+        with open(self.pw, "w") as f:
+            f.write("s3cret\n")
+        self.where = ["--users-file", self.url_file, "--state-dir", os.path.join(self.dir, "no-hub-here")]
+
+    def run_ok(self, *args):
+        r = self.sevpn(*args, *self.where)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout
+
+    def test_users_in_the_database(self):
+        import json
+
+        self.assertIn("virtual hub LAB created in postgresql://postgres@", self.run_ok("hub", "create", "LAB"))
+        self.run_ok("hub", "user", "add", "alice", "--password-file", self.pw)
+        self.run_ok("hub", "user", "add", "bob", "--hub", "LAB", "--password-file", self.pw)
+        self.run_ok("hub", "user", "set", "alice", "--rate-in", "10M")
+        self.run_ok("hub", "user", "disable", "bob", "--hub", "LAB")
+        self.run_ok("hub", "cascade", "allow", "alice", "--max-macs", "50")
+        users = json.loads(self.run_ok("hub", "user", "list", "--json"))
+        self.assertEqual([(u["hub"], u["user"], u["disabled"], u["rate_in"], u["max_macs"]) for u in users],
+                         [("DEFAULT", "alice", False, 10_000_000, 50), ("LAB", "bob", True, 0, 0)])
+        hubs = json.loads(self.run_ok("hub", "list", "--json"))
+        self.assertEqual(hubs, [{"hub": "DEFAULT", "users": 1}, {"hub": "LAB", "users": 1}])
+        self.run_ok("hub", "delete", "LAB")
+        self.run_ok("hub", "user", "delete", "alice")
+        self.assertEqual(json.loads(self.run_ok("hub", "user", "list", "--json")), [])
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "no-hub-here")))  # nothing written beside
+
+    def test_errors_are_sentences(self):
+        r = self.sevpn("hub", "user", "delete", "nobody", *self.where)
+        self.assertEqual((r.returncode, r.stderr),
+                         (1, "sevpn: there is no user nobody on virtual hub DEFAULT (see 'sevpn hub user list')\n"))
+        r = self.sevpn("hub", "user", "list", "--users", "postgresql://u:hunter2@db/x")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("sevpn: --users: the URL holds a password", r.stderr)
+        self.assertNotIn("hunter2", r.stderr)
+        r = self.sevpn("hub", "user", "list", "--users", "postgresql://postgres@/nothere?host=/nonexistent")
+        self.assertEqual(r.returncode, 1)
+        self.assertTrue(r.stderr.startswith("sevpn: cannot read the users: the user database "
+                                            "postgresql://postgres@/nonexistent/nothere does not answer ("), r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1)
+
+    def test_a_hub_does_not_start_without_its_database(self):
+        from sevpn.hubservice import HubService
+
+        service = HubService(state_dir=os.path.join(self.dir, "hub"), listen=["tcp:0:interface=127.0.0.1"],
+                             users="postgresql://postgres@/nothere?host=/nonexistent")
+        with self.assertRaises(SystemExit) as e:
+            service.startService()
+        self.assertTrue(str(e.exception).startswith(
+            "sevpn-hub: cannot read the users: the user database postgresql://postgres@/nonexistent/nothere does "
+            "not answer ("), str(e.exception))
+        self.assertEqual(service.ports, [])
