@@ -189,6 +189,7 @@ class PostgresUserStore(UserRules):
         self._copy: Optional[Dict[str, Dict[str, dict]]] = None
         self._copy_lock = threading.Lock()
         self._generation: Optional[int] = None
+        self._last_seen: Optional[int] = None
         self._checked: Optional[float] = None
         self._health = threading.Lock()
         self._down_since: Optional[float] = None
@@ -349,6 +350,13 @@ class PostgresUserStore(UserRules):
             self._checked = now
             return False
         hubs, rows = data
+        if self._last_seen is not None and generation < self._last_seen:
+            self.log.warn(
+                "the user database {where} went back from change {old} to change {new}: it was restored from a "
+                "backup or replaced; its users are what counts now", where=self.where, old=self._last_seen,
+                new=generation,
+            )
+        self._last_seen = generation
         copy: Dict[str, Dict[str, dict]] = {name: {} for name in hubs}
         for hub, name, *columns in rows:
             copy.setdefault(hub, {})[name] = self._checked_record(hub, name, _record(*columns))

@@ -114,6 +114,33 @@ class Schema(SynchronousTestCase, Logged):
         self.assertEqual(len(self.lines("refused a login of 'mallory' on DEFAULT")), 1)
         self.assertIsNone(s.authenticate("DEFAULT", "alice", b"pw"))  # the others are not held back
 
+    def test_a_replaced_database_is_said(self):
+        s = store(self, self.url)
+        s.add_user("DEFAULT", "alice", b"pw")
+        s.refresh()
+        self.cluster.sql("DELETE FROM sevpn_users; UPDATE sevpn_generation SET n = 0", self.name)
+        self.assertTrue(s.refresh())
+        [line] = self.lines("went back from change")
+        self.assertIn("went back from change 1 to change 0: it was restored from a backup or replaced", line)
+        self.assertEqual(s.users("DEFAULT"), {})
+
+    def test_a_hub_needs_only_to_read(self):
+        """A node's hub may use a role that can only read: changes are the command's, with another role."""
+        store(self, self.url).add_user("DEFAULT", "alice", b"pw")
+        self.cluster.sql("DO $$ BEGIN CREATE ROLE sevpn_reader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; "
+                         "END $$", self.name)
+        self.cluster.sql("GRANT SELECT ON sevpn_schema, sevpn_hubs, sevpn_users, sevpn_generation TO sevpn_reader",
+                         self.name)
+        self.addCleanup(self.cluster.sql, "DROP OWNED BY sevpn_reader", self.name)
+        reader = store(self, self.url.replace("postgres@", "sevpn_reader@"))
+        self.assertEqual(list(reader.users("DEFAULT")), ["alice"])
+        self.assertIsNone(reader.authenticate("DEFAULT", "alice", b"pw"))
+        self.assertFalse(reader.refresh())
+        with self.assertRaises(StateError) as e:
+            reader.set_user("DEFAULT", "alice", disabled=True)
+        self.assertIn("refused it (permission denied for table sevpn_generation)", str(e.exception))
+        self.assertIsNone(reader.authenticate("DEFAULT", "alice", b"pw"))
+
     def test_names_go_in_as_parameters(self):
         s = store(self, self.url)
         s.add_user("DEFAULT", "o.brien-x_1", b"pw")
