@@ -136,6 +136,7 @@ class Schema(SynchronousTestCase, Logged):
         self.assertEqual(list(reader.users("DEFAULT")), ["alice"])
         self.assertIsNone(reader.authenticate("DEFAULT", "alice", b"pw"))
         self.assertFalse(reader.refresh())
+        reader.listener().close()  # LISTEN takes no privilege
         with self.assertRaises(StateError) as e:
             reader.set_user("DEFAULT", "alice", disabled=True)
         self.assertIn("refused it (permission denied for table sevpn_generation)", str(e.exception))
