@@ -62,12 +62,12 @@ from zope.interface import implementer
 from sevpn import defaults, wire
 from sevpn.quantities import format_duration
 from sevpn.users import (
-    DEFAULT_HUB, IUserStore, StateError, UserPolicy, UserRules, check_login, check_name, hash_password,
-    no_such_user, with_cascade, with_settings,
+    DEFAULT_HUB, CertificateRecord, IUserStore, StateError, UserPolicy, UserRules, check_login, check_name,
+    hash_password, no_such_user, record_certificates, utc_now, with_cascade, with_settings,
 )
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The channel every change is announced on.
 CHANNEL = "sevpn_users"
 #: The advisory lock under which a node migrates the schema ("sevpnusr").
@@ -91,9 +91,20 @@ MIGRATIONS: Tuple[Tuple[int, Tuple[str, ...]], ...] = (
         "CREATE TABLE sevpn_generation (one boolean PRIMARY KEY DEFAULT true CHECK (one), n bigint NOT NULL)",
         "INSERT INTO sevpn_generation (n) VALUES (0)",
     )),
+    (2, (  # client certificates; users who log in only with one have no password
+        "ALTER TABLE sevpn_users ALTER COLUMN password DROP NOT NULL",
+        "CREATE TABLE sevpn_certificates ("
+        " hub text NOT NULL,"
+        " user_name text NOT NULL,"
+        " fingerprint text NOT NULL CHECK (fingerprint ~ '^[0-9A-F]{2}(:[0-9A-F]{2}){31}$'),"
+        " subject text NOT NULL, serial text NOT NULL, not_after text NOT NULL, added text NOT NULL, revoked text,"
+        " PRIMARY KEY (hub, fingerprint),"  # one certificate, one user of a virtual hub
+        " FOREIGN KEY (hub, user_name) REFERENCES sevpn_users (hub, name) ON DELETE CASCADE)",
+    )),
 )
 
 _USER_COLUMNS = "password, disabled, cascade, policy"
+_CERTIFICATE_COLUMNS = "fingerprint, subject, serial, not_after, added, revoked"
 
 
 class Unavailable(StateError):
@@ -136,21 +147,23 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _record(password: str, disabled: bool, cascade: bool, policy) -> dict:
-    """A row as the user's record (the users file's shape)."""
-    record = {"password": password}
+def _record(password: Optional[str], disabled: bool, cascade: bool, policy, certificates=()) -> dict:
+    """A row (and its certificates' rows) as the user's record (the users file's shape)."""
+    record = {} if password is None else {"password": password}
     if disabled:
         record["disabled"] = True
     if cascade:
         record["cascade"] = True
     if policy:
         record["policy"] = dict(policy)
+    if certificates:
+        record["certificates"] = {row[0]: CertificateRecord(*row).to_json() for row in certificates}
     return record
 
 
 def _row(record: dict) -> tuple:
     policy = record.get("policy")
-    return (record["password"], bool(record.get("disabled")), record.get("cascade") is True,
+    return (record.get("password"), bool(record.get("disabled")), record.get("cascade") is True,
             Jsonb(policy if isinstance(policy, dict) else {}))
 
 
@@ -191,6 +204,7 @@ class PostgresUserStore(UserRules):
         self._generation: Optional[int] = None
         self._last_seen: Optional[int] = None
         self._checked: Optional[float] = None
+        self._certificate_index: Dict[str, tuple] = {}
         self._health = threading.Lock()
         self._down_since: Optional[float] = None
         self._failed_at: Optional[float] = None
@@ -342,14 +356,18 @@ class PostgresUserStore(UserRules):
                 return generation, None
             hubs = [name for (name,) in conn.execute("SELECT name FROM sevpn_hubs")]
             rows = conn.execute(f"SELECT hub, name, {_USER_COLUMNS} FROM sevpn_users").fetchall()
-            return generation, (hubs, rows)
+            certificates: Dict[tuple, list] = {}
+            for hub, user, *columns in conn.execute(
+                    f"SELECT hub, user_name, {_CERTIFICATE_COLUMNS} FROM sevpn_certificates ORDER BY added, fingerprint"):
+                certificates.setdefault((hub, user), []).append(columns)
+            return generation, (hubs, rows, certificates)
 
         generation, data = self._transaction(read, "read the users")
         now = self.clock()
         if data is None:
             self._checked = now
             return False
-        hubs, rows = data
+        hubs, rows, certificates = data
         if self._last_seen is not None and generation < self._last_seen:
             self.log.warn(
                 "the user database {where} went back from change {old} to change {new}: it was restored from a "
@@ -359,7 +377,8 @@ class PostgresUserStore(UserRules):
         self._last_seen = generation
         copy: Dict[str, Dict[str, dict]] = {name: {} for name in hubs}
         for hub, name, *columns in rows:
-            copy.setdefault(hub, {})[name] = self._checked_record(hub, name, _record(*columns))
+            record = _record(*columns, certificates.get((hub, name), ()))
+            copy.setdefault(hub, {})[name] = self._checked_record(hub, name, record)
         with self._copy_lock:
             self._copy, self._generation, self._checked = copy, generation, now
         return True
@@ -370,6 +389,11 @@ class PostgresUserStore(UserRules):
         except (TypeError, ValueError) as e:
             raise StateError(f"the user database {self.where} holds a damaged policy for user {user} on virtual "
                              f"hub {hub} ({e}): fix it with 'sevpn hub user set'")
+        try:
+            record_certificates(record)
+        except (TypeError, ValueError) as e:
+            raise StateError(f"the user database {self.where} holds a damaged certificate of user {user} on "
+                             f"virtual hub {hub} ({e})")
         return record
 
     def _held(self) -> Dict[str, Dict[str, dict]]:
@@ -427,20 +451,33 @@ class PostgresUserStore(UserRules):
     def authenticate(self, hub: str, user: str, password: bytes) -> Optional[str]:
         return check_login(self._login_record(hub, user), password)
 
+    def certificate_login(self, hub: str, user: str, fingerprint: str) -> Optional[str]:
+        """As the file store's: the certificate must be the user's, not revoked, and the user not disabled."""
+        record = self._login_record(hub, user)
+        cert = record_certificates(record).get(fingerprint) if record is not None else None
+        if cert is None or cert.revoked is not None or record.get("disabled"):
+            return wire.Refusal.AUTH_FAILED
+        return None
+
     def _login_record(self, hub: str, user: str) -> Optional[dict]:
         """The user's record for a login: the database's, else the copy's by the outage rule."""
         if not (wire.valid_name(hub) and wire.valid_name(user)):
             return None
 
         def read(conn):
-            return conn.execute(
-                f"SELECT h.name, {', '.join('u.' + c.strip() for c in _USER_COLUMNS.split(','))} "
+            row = conn.execute(
+                f"SELECT h.name, u.name, {', '.join('u.' + c.strip() for c in _USER_COLUMNS.split(','))} "
                 "FROM sevpn_hubs h LEFT JOIN sevpn_users u ON u.hub = h.name AND u.name = %s WHERE h.name = %s",
                 (user, hub),
             ).fetchone()
+            if row is None or row[1] is None:
+                return row, ()
+            return row, conn.execute(
+                f"SELECT {_CERTIFICATE_COLUMNS} FROM sevpn_certificates WHERE hub = %s AND user_name = %s "
+                "ORDER BY added, fingerprint", (hub, user)).fetchall()
 
         try:
-            row = self._transaction(read, "check a login", login=True)
+            row, certificates = self._transaction(read, "check a login", login=True)
         except Unavailable:
             return self._copied_record(hub, user)
         except StateError as e:
@@ -451,7 +488,7 @@ class PostgresUserStore(UserRules):
                 self._hold(hub, user, None)
             return None
         try:
-            record = self._checked_record(hub, user, _record(*row[1:]))
+            record = self._checked_record(hub, user, _record(*row[2:], certificates))
         except StateError as e:
             self.log.error("refused a login of {user} on {hub}: {why}", user=wire.quote(user), hub=hub, why=str(e))
             return None
@@ -495,19 +532,19 @@ class PostgresUserStore(UserRules):
         conn.execute(f"UPDATE sevpn_users SET ({_USER_COLUMNS}) = (%s, %s, %s, %s) WHERE hub = %s AND name = %s",
                      (*_row(record), hub, user))
 
-    def add_user(self, hub: str, user: str, password: bytes) -> bool:
+    def add_user(self, hub: str, user: str, password: Optional[bytes]) -> bool:
         check_name("user", user)
-        hashed = hash_password(password)  # the slow part, before the transaction
+        hashed = hash_password(password) if password is not None else None  # the slow part, before the transaction
 
         def add(conn):
             if hub == DEFAULT_HUB:
                 conn.execute("INSERT INTO sevpn_hubs (name) VALUES (%s) ON CONFLICT DO NOTHING", (hub,))
             elif conn.execute("SELECT 1 FROM sevpn_hubs WHERE name = %s", (hub,)).fetchone() is None:
                 raise StateError(f"there is no virtual hub named {hub}")
-            # a new password keeps the user's policy and flags
+            # a new password keeps the user's policy, flags and certificates; none keeps the old one
             return conn.execute(
-                "INSERT INTO sevpn_users (hub, name, password) VALUES (%s, %s, %s) "
-                "ON CONFLICT (hub, name) DO UPDATE SET password = EXCLUDED.password RETURNING (xmax = 0)",
+                "INSERT INTO sevpn_users (hub, name, password) VALUES (%s, %s, %s) ON CONFLICT (hub, name) "
+                "DO UPDATE SET password = COALESCE(EXCLUDED.password, sevpn_users.password) RETURNING (xmax = 0)",
                 (hub, user, hashed),
             ).fetchone()[0]
 
@@ -541,6 +578,50 @@ class PostgresUserStore(UserRules):
             self._put_record(conn, hub, user, with_cascade(record, allowed, max_macs))
 
         self._write(change)
+
+    def add_certificate(self, hub: str, user: str, certificate: CertificateRecord) -> bool:
+        fp = certificate.fingerprint
+
+        def add(conn):
+            self._read_record(conn, hub, user, "add it with 'sevpn hub user add'")
+            known = conn.execute("SELECT user_name, revoked FROM sevpn_certificates WHERE hub = %s AND fingerprint = %s",
+                                 (hub, fp)).fetchone()
+            if known is not None:
+                other, revoked = known
+                if revoked is not None:
+                    raise StateError(
+                        f"the certificate {fp} was revoked on {revoked[:10]} (user {other}): a revoked certificate "
+                        f"is never taken back; issue a new one with 'sevpn hub user add {user} --cert'"
+                    )
+                if other != user:
+                    raise StateError(f"the certificate {fp} is already user {other}'s on virtual hub {hub}: "
+                                     "a certificate logs in as one user")
+                return False
+            conn.execute(
+                f"INSERT INTO sevpn_certificates (hub, user_name, {_CERTIFICATE_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (hub, user, fp, certificate.subject, certificate.serial, certificate.not_after, certificate.added,
+                 certificate.revoked),
+            )
+            return True
+
+        return self._write(add)
+
+    def revoke_certificates(self, hub: str, user: str, fingerprint: Optional[str] = None) -> List[str]:
+        def revoke(conn):
+            self._read_record(conn, hub, user, "see 'sevpn hub user list'")
+            certs = conn.execute("SELECT fingerprint, revoked FROM sevpn_certificates WHERE hub = %s AND user_name = %s "
+                                 "ORDER BY added, fingerprint", (hub, user)).fetchall()
+            if fingerprint is not None and fingerprint not in {fp for fp, _ in certs}:
+                raise StateError(f"user {user} on virtual hub {hub} has no certificate {fingerprint} "
+                                 f"(see 'sevpn hub user cert list {user}')")
+            done = [fp for fp, revoked in certs if revoked is None and fingerprint in (None, fp)]
+            if done:
+                conn.execute("UPDATE sevpn_certificates SET revoked = %s "
+                             "WHERE hub = %s AND user_name = %s AND fingerprint = ANY(%s)", (utc_now(), hub, user, done))
+            return done
+
+        return self._write(revoke)
 
     # the running hub -------------------------------------------------------------
 

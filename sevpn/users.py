@@ -214,11 +214,13 @@ class CertificateRecord:
         return cls(fingerprint, **values)
 
 
-def _certificates(record: dict) -> Dict[str, CertificateRecord]:
+def record_certificates(record: dict) -> Dict[str, CertificateRecord]:
+    """The certificates in a user's record, by fingerprint (C{ValueError} for a bad one)."""
     return {fp: CertificateRecord.from_json(fp, info) for fp, info in record.get("certificates", {}).items()}
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, as certificate records keep times (ISO 8601, UTC, seconds)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -357,7 +359,7 @@ class UserRules:
         if record.get("disabled"):
             return f"user {user} was disabled by the operator"
         if certificate is not None:
-            cert = _certificates(record).get(certificate)
+            cert = record_certificates(record).get(certificate)
             if cert is None:
                 return f"the certificate {certificate} of user {user} was removed by the operator"
             if cert.revoked is not None:
@@ -378,7 +380,7 @@ class UserRules:
         users = self.users(hub)
         if user not in users:
             raise no_such_user(hub, user)
-        return sorted(_certificates(users[user]).values(), key=lambda c: (c.added, c.fingerprint))
+        return sorted(record_certificates(users[user]).values(), key=lambda c: (c.added, c.fingerprint))
 
     def certificate_user(self, hub: str, fingerprint: str) -> Optional[str]:
         if not self.exists(hub):
@@ -387,7 +389,7 @@ class UserRules:
         index = self._certificate_index.get(hub)
         if index is None or index[0] is not users:
             live = {cert.fingerprint: user for user, record in users.items()
-                    for cert in _certificates(record).values() if cert.revoked is None}
+                    for cert in record_certificates(record).values() if cert.revoked is None}
             index = self._certificate_index[hub] = (users, live)
         return index[1].get(fingerprint)
 
@@ -609,7 +611,7 @@ class HubState(UserRules):
             raise StateError(f"there is no user {user} on virtual hub {hub} (add it with 'sevpn hub user add')")
         fp = certificate.fingerprint
         for other, record in users.items():
-            known = _certificates(record).get(fp)
+            known = record_certificates(record).get(fp)
             if known is None:
                 continue
             if known.revoked is not None:
@@ -637,11 +639,11 @@ class HubState(UserRules):
         running hub is told (L{revoked}).
         """
         record = self._record(hub, user)
-        certs = _certificates(record)
+        certs = record_certificates(record)
         if fingerprint is not None and fingerprint not in certs:
             raise StateError(f"user {user} on virtual hub {hub} has no certificate {fingerprint} "
                              f"(see 'sevpn hub user cert list {user}')")
-        now = _now()
+        now = utc_now()
         done = []
         for fp, cert in certs.items():
             if cert.revoked is None and fingerprint in (None, fp):
@@ -755,7 +757,7 @@ def _checked_users(path: str, data) -> Dict[str, dict]:
             UserPolicy.of(record)
             if not isinstance(record.get("certificates", {}), dict):
                 raise ValueError("'certificates' must be an object")
-            _certificates(record)
+            record_certificates(record)
         except (TypeError, ValueError) as e:
             raise damaged(f"user {name}: {e}")
     return users

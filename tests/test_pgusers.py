@@ -59,12 +59,33 @@ class Schema(SynchronousTestCase, Logged):
     def test_made_on_first_use_once(self):
         self.assertEqual(self.cluster.sql("SELECT to_regclass('sevpn_users')", self.name), [(None,)])
         store(self, self.url).hubs()
-        self.assertEqual(self.cluster.sql("SELECT version FROM sevpn_schema", self.name), [(1,)])
+        self.assertEqual(self.cluster.sql("SELECT version FROM sevpn_schema", self.name), [(2,)])
         self.assertEqual(self.cluster.sql("SELECT count(*) FROM sevpn_generation", self.name), [(1,)])
         self.assertEqual(len(self.lines("schema brought to version 1")), 1)
         store(self, self.url).hubs()  # another node: nothing to do
         self.assertEqual(len(self.lines("schema brought to version 1")), 1)
         self.assertEqual(self.cluster.sql("SELECT count(*) FROM sevpn_generation", self.name), [(1,)])
+
+    def test_an_older_schema_is_brought_up_to_date(self):
+        from sevpn.pgusers import MIGRATIONS
+        from sevpn.users import hash_password
+
+        [(version, statements)] = MIGRATIONS[:1]
+        self.assertEqual(version, 1)
+        for statement in statements:  # a database an earlier sevpn made, with a user in it
+            self.cluster.sql(statement, self.name)
+        self.cluster.sql("CREATE TABLE sevpn_schema (one boolean PRIMARY KEY DEFAULT true, version integer NOT NULL);"
+                         "INSERT INTO sevpn_schema (version) VALUES (1);"
+                         "INSERT INTO sevpn_hubs VALUES ('DEFAULT');"
+                         f"INSERT INTO sevpn_users (hub, name, password) VALUES ('DEFAULT', 'old', '{hash_password(b'pw')}')",
+                         self.name)
+        s = store(self, self.url)
+        self.assertIsNone(s.authenticate("DEFAULT", "old", b"pw"))
+        self.assertEqual(self.cluster.sql("SELECT version FROM sevpn_schema", self.name), [(2,)])
+        self.assertEqual((len(self.lines("schema brought to version 1")), len(self.lines("schema brought to version 2"))),
+                         (0, 1))
+        s.add_user("DEFAULT", "new", None)  # what version 2 allows
+        self.assertEqual(sorted(s.users("DEFAULT")), ["new", "old"])
 
     def test_nodes_starting_at_once_migrate_once(self):
         stores = [store(self, self.url) for _ in range(4)]
@@ -89,7 +110,7 @@ class Schema(SynchronousTestCase, Logged):
         self.cluster.sql("UPDATE sevpn_schema SET version = 7", self.name)
         with self.assertRaises(StateError) as e:
             store(self, self.url).hubs()
-        self.assertIn("has schema version 7, newer than this sevpn knows (1): upgrade sevpn on this node",
+        self.assertIn("has schema version 7, newer than this sevpn knows (2): upgrade sevpn on this node",
                       str(e.exception))
 
     def test_refresh_says_whether_anything_changed(self):
@@ -129,8 +150,7 @@ class Schema(SynchronousTestCase, Logged):
         store(self, self.url).add_user("DEFAULT", "alice", b"pw")
         self.cluster.sql("DO $$ BEGIN CREATE ROLE sevpn_reader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; "
                          "END $$", self.name)
-        self.cluster.sql("GRANT SELECT ON sevpn_schema, sevpn_hubs, sevpn_users, sevpn_generation TO sevpn_reader",
-                         self.name)
+        self.cluster.sql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO sevpn_reader", self.name)  # as docs/fabric.md
         self.addCleanup(self.cluster.sql, "DROP OWNED BY sevpn_reader", self.name)
         reader = store(self, self.url.replace("postgres@", "sevpn_reader@"))
         self.assertEqual(list(reader.users("DEFAULT")), ["alice"])

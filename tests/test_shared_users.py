@@ -55,8 +55,18 @@ class TwoNodes(TestCase):
         self.cards = []
 
     def start_nodes(self, poll):
+        from sevpn.files import StateDir
         from sevpn.hubservice import HubService
+        from sevpn.pki import ensure_ca
 
+        # one CA for both nodes, as docs/fabric.md's step 4 has it
+        first, second = os.path.join(self.dir, "node1"), os.path.join(self.dir, "node2")
+        StateDir(first).create()
+        StateDir(second).create()
+        ensure_ca(first)
+        for name, mode in (("ca.pem", 0o644), ("ca.key", 0o600)):
+            shutil.copyfile(os.path.join(first, name), os.path.join(second, name))
+            os.chmod(os.path.join(second, name), mode)
         self.nodes = {}
         for n in (1, 2):
             state = os.path.join(self.dir, f"node{n}")
@@ -74,8 +84,8 @@ class TwoNodes(TestCase):
         return deferToThread(sevpn, *args, "--users", self.url, "--state-dir", self.state(n))
 
     @inlineCallbacks
-    def card(self, n, user, number):
-        """A card logging in on node C{n}; its settled state."""
+    def card(self, n, user, number, identity=(None, None)):
+        """A card logging in on node C{n} (with a password, or a certificate and key); its settled state."""
         from sevpn.accounts import Account
         from sevpn.card import Card, NicSide
         from sevpn.cardservice import tls_endpoint_for
@@ -83,7 +93,9 @@ class TwoNodes(TestCase):
 
         port = self.nodes[n].ports[0].getHost().port
         card = Card(reactor, NicSide(FakeTap(reactor)), mac(number), tls_endpoint_for(reactor))
-        card.connect(Account(name=f"c{number}", hub=f"127.0.0.1:{port}", user=user, password="pw",
+        cert_file, key_file = identity
+        card.connect(Account(name=f"c{number}", hub=f"127.0.0.1:{port}", user=user,
+                             password=None if cert_file else "pw", cert_file=cert_file, key_file=key_file,
                              ca_file=os.path.join(self.state(n), "ca.pem")))
         self.addCleanup(card.disconnect)
         self.cards.append(card)
@@ -109,8 +121,11 @@ class TwoNodes(TestCase):
         r = yield self.cli(1, "hub", "user", "disable", "alice", "--json")
         self.assertEqual(r.returncode, 0, r.stderr)
         told = json.loads(r.stdout)
-        self.assertEqual([(s["user"], s["reason"]) for s in told["ended"]],
-                         [("alice", "user alice was disabled by the operator")])  # node 1, over its control socket
+        self.assertEqual((told["user"], told["disabled"]), ("alice", True))
+        # node 1 ends its session when the command tells it, or when the database did (whichever came first:
+        # "ended" lists it only in the first case)
+        self.assertIn(told["ended"], ([], [{"hub": "DEFAULT", "id": told["ended"][0]["id"] if told["ended"] else None,
+                                           "user": "alice", "reason": "user alice was disabled by the operator"}]))
         # node 2 heard it from the database: its session ends with a goodbye, and the card is refused
         yield waitFor(lambda: on2.state == "refused", "the refusal of alice's card on node 2", 10)
         self.assertEqual(self.sessions(2), [])
@@ -123,6 +138,25 @@ class TwoNodes(TestCase):
         self.assertEqual(again.settled, "connected")
         status = json.loads((yield deferToThread(sevpn, "hub", "status", "--json", "--state-dir", self.state(1))).stdout)
         self.assertEqual((status["users"]["store"], status["users"]["answering"]), ("postgresql", True))
+
+    @inlineCallbacks
+    def test_a_certificate_revoked_on_one_node(self):
+        self.start_nodes(poll=3600)
+        out = os.path.join(self.dir, "certs")
+        os.mkdir(out)
+        r = yield self.cli(2, "hub", "user", "add", "bob", "--cert", "--out", out)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        identity = (os.path.join(out, "bob.pem"), os.path.join(out, "bob.key"))
+        on1 = yield self.card(1, "bob", 1, identity)
+        self.assertEqual(on1.settled, "connected")  # registered through node 2, logs in on node 1
+        [session] = self.nodes[1].hub.describe_sessions()
+        self.assertEqual(session["auth"], "certificate")
+        r = yield self.cli(2, "hub", "user", "cert", "revoke", "bob")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        yield waitFor(lambda: on1.state == "refused", "the refusal of bob's card on node 1", 10)
+        self.assertEqual(self.sessions(1), [])
+        [line] = self.lines("of bob on DEFAULT ended: the certificate")
+        self.assertIn(f"the certificate {session['certificate']} of user bob was revoked by the operator", line)
 
     @inlineCallbacks
     def test_a_database_outage(self):

@@ -13,7 +13,9 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from sevpn.users import HubState, IUserStore, StateError, UserPolicy, hash_password, verify_password
+from sevpn.users import (
+    CertificateRecord, HubState, IUserStore, StateError, UserPolicy, hash_password, verify_password,
+)
 from tests import pgcluster
 
 
@@ -191,6 +193,98 @@ class StoreContract:
         other.add_user("LAB", "jo", b"pw")
         self.store.refresh()
         self.assertEqual(list(self.store.users("LAB")), ["jo"])
+
+    # client certificates
+
+    def certificate(self, n, **kw):
+        fields = dict(fingerprint=":".join([f"{n:02X}"] * 32), subject="CN=alice", serial="1f",
+                      not_after="2030-01-01T00:00:00+00:00", added="2025-01-01T00:00:00+00:00")
+        fields.update(kw)
+        return CertificateRecord(**fields)
+
+    def test_a_user_with_a_certificate_and_no_password(self):
+        a = self.certificate(1)
+        self.assertTrue(self.store.add_user("DEFAULT", "alice", None))
+        self.assertNotIn("password", self.store.users("DEFAULT")["alice"])
+        self.assertEqual(self.store.authenticate("DEFAULT", "alice", b""), "auth-failed")
+        self.assertTrue(self.store.add_certificate("DEFAULT", "alice", a))
+        self.assertFalse(self.store.add_certificate("DEFAULT", "alice", a))  # already hers
+        other = self.other()  # as the running hub sees it
+        self.assertIsNone(other.certificate_login("DEFAULT", "alice", a.fingerprint))
+        other.refresh()
+        self.assertEqual(other.certificates("DEFAULT", "alice"), [a])
+        self.assertEqual(other.certificate_user("DEFAULT", a.fingerprint), "alice")
+        self.assertIsNone(other.revoked("DEFAULT", "alice", a.fingerprint))
+        # a password later keeps the certificate; None keeps the password
+        self.assertFalse(self.store.add_user("DEFAULT", "alice", b"pw"))
+        self.store.add_user("DEFAULT", "alice", None)
+        self.assertIsNone(self.store.authenticate("DEFAULT", "alice", b"pw"))
+        self.assertEqual(self.store.certificates("DEFAULT", "alice"), [a])
+
+    def test_certificate_logins_are_refused_alike(self):
+        a, b = self.certificate(1), self.certificate(2)
+        self.store.add_user("DEFAULT", "alice", None)
+        self.store.add_user("DEFAULT", "bob", b"pw")
+        self.store.add_certificate("DEFAULT", "alice", a)
+        self.assertEqual(self.store.certificate_login("DEFAULT", "bob", a.fingerprint), "auth-failed")  # not his
+        self.assertEqual(self.store.certificate_login("DEFAULT", "alice", b.fingerprint), "auth-failed")  # unknown
+        self.assertEqual(self.store.certificate_login("NOPE", "alice", a.fingerprint), "auth-failed")
+        self.store.set_user("DEFAULT", "alice", disabled=True)
+        self.assertEqual(self.store.certificate_login("DEFAULT", "alice", a.fingerprint), "auth-failed")
+        self.assertEqual(self.store.certificates("DEFAULT", "alice"), [a])  # a policy change keeps it
+
+    def test_one_certificate_one_user(self):
+        a, b = self.certificate(1), self.certificate(2)
+        self.store.add_user("DEFAULT", "alice", None)
+        self.store.add_user("DEFAULT", "bob", b"pw")
+        self.store.add_certificate("DEFAULT", "alice", a)
+        with self.assertRaises(StateError) as e:
+            self.store.add_certificate("DEFAULT", "bob", a)
+        self.assertEqual(str(e.exception), f"the certificate {a.fingerprint} is already user alice's on virtual hub "
+                                           "DEFAULT: a certificate logs in as one user")
+        with self.assertRaises(StateError) as e:
+            self.store.add_certificate("DEFAULT", "nobody", b)
+        self.assertEqual(str(e.exception),
+                         "there is no user nobody on virtual hub DEFAULT (add it with 'sevpn hub user add')")
+        self.store.create_hub("LAB")  # another virtual hub is another matter
+        self.store.add_user("LAB", "carol", None)
+        self.assertTrue(self.store.add_certificate("LAB", "carol", a))
+
+    def test_revoking(self):
+        a, b = self.certificate(1), self.certificate(2)
+        self.store.add_user("DEFAULT", "alice", None)
+        self.store.add_certificate("DEFAULT", "alice", a)
+        self.store.add_certificate("DEFAULT", "alice", b)
+        self.assertEqual(self.store.revoke_certificates("DEFAULT", "alice", a.fingerprint), [a.fingerprint])
+        self.assertEqual(self.store.certificate_login("DEFAULT", "alice", a.fingerprint), "auth-failed")
+        self.assertIsNone(self.store.certificate_login("DEFAULT", "alice", b.fingerprint))
+        self.assertEqual(self.store.revoked("DEFAULT", "alice", a.fingerprint),
+                         f"the certificate {a.fingerprint} of user alice was revoked by the operator")
+        self.assertIsNone(self.store.revoked("DEFAULT", "alice"))  # her other sessions may stay
+        self.assertIsNone(self.store.certificate_user("DEFAULT", a.fingerprint))
+        self.assertEqual(self.store.revoke_certificates("DEFAULT", "alice"), [b.fingerprint])
+        self.assertEqual(self.store.revoke_certificates("DEFAULT", "alice"), [])
+        [kept_a, kept_b] = self.store.certificates("DEFAULT", "alice")
+        self.assertIsNotNone(kept_a.revoked)
+        self.assertEqual(kept_a.fingerprint, a.fingerprint)
+        with self.assertRaises(StateError) as e:
+            self.store.add_certificate("DEFAULT", "alice", a)
+        self.assertIn(f"the certificate {a.fingerprint} was revoked on ", str(e.exception))
+        with self.assertRaises(StateError) as e:
+            self.store.revoke_certificates("DEFAULT", "alice", self.certificate(3).fingerprint)
+        self.assertIn("user alice on virtual hub DEFAULT has no certificate", str(e.exception))
+        self.assertRaises(StateError, self.store.revoke_certificates, "DEFAULT", "nobody")
+
+    def test_a_deleted_users_certificates_go_with_them(self):
+        a = self.certificate(1)
+        self.store.add_user("DEFAULT", "alice", None)
+        self.store.add_certificate("DEFAULT", "alice", a)
+        self.store.delete_user("DEFAULT", "alice")
+        self.assertEqual(self.store.revoked("DEFAULT", "alice", a.fingerprint), "user alice was deleted by the operator")
+        self.store.add_user("DEFAULT", "alice", b"pw")  # the same name again: not the same certificates
+        self.assertEqual(self.store.revoked("DEFAULT", "alice", a.fingerprint),
+                         f"the certificate {a.fingerprint} of user alice was removed by the operator")
+        self.assertEqual(self.store.certificates("DEFAULT", "alice"), [])
 
 
 class FileStore(StoreContract, SynchronousTestCase):
