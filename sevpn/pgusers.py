@@ -15,8 +15,9 @@ connection whose socket the reactor reads (L{NotifyReader}).
 Tables (created on first use, L{MIGRATIONS}; names prefixed C{sevpn_} so
 the database may hold other things): C{sevpn_schema} (the schema's
 version), C{sevpn_hubs}, C{sevpn_users} (password hash, disabled,
-cascade, policy as JSON), C{sevpn_generation} (a number every change
-raises; each change also sends C{NOTIFY sevpn_users}).  Every change is
+cascade, policy as JSON), C{sevpn_certificates} (client certificates'
+records, one user's per virtual hub), C{sevpn_generation} (a number
+every change raises; each change also sends C{NOTIFY sevpn_users}).  Every change is
 one transaction that first raises the generation, so changes from
 several nodes are applied one after another.
 
@@ -54,8 +55,8 @@ from twisted.application.service import Service
 from twisted.internet import main
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -357,8 +358,8 @@ class PostgresUserStore(UserRules):
             hubs = [name for (name,) in conn.execute("SELECT name FROM sevpn_hubs")]
             rows = conn.execute(f"SELECT hub, name, {_USER_COLUMNS} FROM sevpn_users").fetchall()
             certificates: Dict[tuple, list] = {}
-            for hub, user, *columns in conn.execute(
-                    f"SELECT hub, user_name, {_CERTIFICATE_COLUMNS} FROM sevpn_certificates ORDER BY added, fingerprint"):
+            query = f"SELECT hub, user_name, {_CERTIFICATE_COLUMNS} FROM sevpn_certificates ORDER BY added, fingerprint"
+            for hub, user, *columns in conn.execute(query):
                 certificates.setdefault((hub, user), []).append(columns)
             return generation, (hubs, rows, certificates)
 
@@ -584,8 +585,9 @@ class PostgresUserStore(UserRules):
 
         def add(conn):
             self._read_record(conn, hub, user, "add it with 'sevpn hub user add'")
-            known = conn.execute("SELECT user_name, revoked FROM sevpn_certificates WHERE hub = %s AND fingerprint = %s",
-                                 (hub, fp)).fetchone()
+            known = conn.execute(
+                "SELECT user_name, revoked FROM sevpn_certificates WHERE hub = %s AND fingerprint = %s", (hub, fp),
+            ).fetchone()
             if known is not None:
                 other, revoked = known
                 if revoked is not None:
@@ -610,15 +612,19 @@ class PostgresUserStore(UserRules):
     def revoke_certificates(self, hub: str, user: str, fingerprint: Optional[str] = None) -> List[str]:
         def revoke(conn):
             self._read_record(conn, hub, user, "see 'sevpn hub user list'")
-            certs = conn.execute("SELECT fingerprint, revoked FROM sevpn_certificates WHERE hub = %s AND user_name = %s "
-                                 "ORDER BY added, fingerprint", (hub, user)).fetchall()
+            certs = conn.execute(
+                "SELECT fingerprint, revoked FROM sevpn_certificates WHERE hub = %s AND user_name = %s "
+                "ORDER BY added, fingerprint", (hub, user),
+            ).fetchall()
             if fingerprint is not None and fingerprint not in {fp for fp, _ in certs}:
                 raise StateError(f"user {user} on virtual hub {hub} has no certificate {fingerprint} "
                                  f"(see 'sevpn hub user cert list {user}')")
             done = [fp for fp, revoked in certs if revoked is None and fingerprint in (None, fp)]
             if done:
-                conn.execute("UPDATE sevpn_certificates SET revoked = %s "
-                             "WHERE hub = %s AND user_name = %s AND fingerprint = ANY(%s)", (utc_now(), hub, user, done))
+                conn.execute(
+                    "UPDATE sevpn_certificates SET revoked = %s WHERE hub = %s AND user_name = %s "
+                    "AND fingerprint = ANY(%s)", (utc_now(), hub, user, done),
+                )
             return done
 
         return self._write(revoke)
@@ -762,7 +768,9 @@ class UserDatabaseWatcher(Service):
             self._listen()
 
     def _failed(self, failure) -> None:
-        failure.trap(StateError)
+        if not failure.check(StateError):
+            self.log.failure("checking the user database for changes failed", failure)
+            return
         if failure.check(Unavailable):
             return  # the store said it once
         why = failure.getErrorMessage()

@@ -705,7 +705,8 @@ def users_location(url: Optional[str] = None, path: Optional[str] = None, option
         except OSError as e:
             raise os_error(e, f"read {option}-file", "give the file holding the user database's URL")
         if not line:
-            raise StateError(f"{option}-file {path} is empty: its first line must be a postgresql://USER@HOST/DATABASE URL")
+            raise StateError(
+                f"{option}-file {path} is empty: its first line must be a postgresql://USER@HOST/DATABASE URL")
         _check_location(line, f"{option}-file {path}")
         if _has_password(line) and mode & 0o077:
             raise StateError(f"{option}-file {path} holds the database password but other users may read it: "

@@ -77,13 +77,14 @@ class Schema(SynchronousTestCase, Logged):
         self.cluster.sql("CREATE TABLE sevpn_schema (one boolean PRIMARY KEY DEFAULT true, version integer NOT NULL);"
                          "INSERT INTO sevpn_schema (version) VALUES (1);"
                          "INSERT INTO sevpn_hubs VALUES ('DEFAULT');"
-                         f"INSERT INTO sevpn_users (hub, name, password) VALUES ('DEFAULT', 'old', '{hash_password(b'pw')}')",
+                         "INSERT INTO sevpn_users (hub, name, password) "
+                         f"VALUES ('DEFAULT', 'old', '{hash_password(b'pw')}')",
                          self.name)
         s = store(self, self.url)
         self.assertIsNone(s.authenticate("DEFAULT", "old", b"pw"))
         self.assertEqual(self.cluster.sql("SELECT version FROM sevpn_schema", self.name), [(2,)])
-        self.assertEqual((len(self.lines("schema brought to version 1")), len(self.lines("schema brought to version 2"))),
-                         (0, 1))
+        self.assertEqual(len(self.lines("schema brought to version 1")), 0)
+        self.assertEqual(len(self.lines("schema brought to version 2")), 1)
         s.add_user("DEFAULT", "new", None)  # what version 2 allows
         self.assertEqual(sorted(s.users("DEFAULT")), ["new", "old"])
 

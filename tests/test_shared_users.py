@@ -102,6 +102,9 @@ class TwoNodes(TestCase):
         card.settled = yield card.when_settled()
         return card
 
+    def status(self, n):
+        return deferToThread(sevpn, "hub", "status", "--json", "--state-dir", self.state(n))
+
     def lines(self, fragment):
         return [line for line in (formatEvent(e) for e in self.logged) if fragment in line]
 
@@ -136,7 +139,7 @@ class TwoNodes(TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         again = yield self.card(1, "alice", 3)
         self.assertEqual(again.settled, "connected")
-        status = json.loads((yield deferToThread(sevpn, "hub", "status", "--json", "--state-dir", self.state(1))).stdout)
+        status = json.loads((yield self.status(1)).stdout)
         self.assertEqual((status["users"]["store"], status["users"]["answering"]), ("postgresql", True))
 
     @inlineCallbacks
@@ -191,7 +194,7 @@ class TwoNodes(TestCase):
                         r.stderr)
         self.assertIn("does not answer (", r.stderr)
         self.assertEqual(len(r.stderr.strip().splitlines()), 1)
-        status = json.loads((yield deferToThread(sevpn, "hub", "status", "--json", "--state-dir", self.state(1))).stdout)
+        status = json.loads((yield self.status(1)).stdout)
         self.assertEqual(status["users"]["answering"], False)
 
         yield deferToThread(self.cluster.start)

@@ -280,7 +280,8 @@ class StoreContract:
         self.store.add_user("DEFAULT", "alice", None)
         self.store.add_certificate("DEFAULT", "alice", a)
         self.store.delete_user("DEFAULT", "alice")
-        self.assertEqual(self.store.revoked("DEFAULT", "alice", a.fingerprint), "user alice was deleted by the operator")
+        self.assertEqual(self.store.revoked("DEFAULT", "alice", a.fingerprint),
+                         "user alice was deleted by the operator")
         self.store.add_user("DEFAULT", "alice", b"pw")  # the same name again: not the same certificates
         self.assertEqual(self.store.revoked("DEFAULT", "alice", a.fingerprint),
                          f"the certificate {a.fingerprint} of user alice was removed by the operator")

@@ -9,7 +9,9 @@ from typing import Optional
 
 from sevpn import control
 from sevpn.cli import cascade
-from sevpn.cli.common import CommandError, command, fields, human, password, print_json, table, user_store, users_options
+from sevpn.cli.common import (
+    CommandError, command, fields, human, password, print_json, table, user_store, users_options,
+)
 from sevpn.cli.fabric import register_hub as register_fabric
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.files import StateDir
