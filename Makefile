@@ -14,16 +14,18 @@ all: install
 
 # OS tools the demo, the tests and the benchmark drive (command:package):
 # namespaces and traffic; real programs the system tests meet (proxies,
-# DHCP, FRR, a browser, systemd's analyzer); the WAN emulator's compiler.
+# DHCP, FRR, PostgreSQL for the shared user store, a browser, systemd's
+# analyzer); the WAN emulator's compiler.  PostgreSQL's server tools live
+# in /usr/lib/postgresql/VERSION/bin, looked in too.
 SYSTEM_TOOLS := ip:iproute2 ss:iproute2 bridge:iproute2 ping:iputils-ping iperf3:iperf3 \
-	ethtool:ethtool cc:gcc openssl:openssl useradd:passwd unshare:util-linux \
+	ethtool:ethtool cc:gcc openssl:openssl useradd:passwd unshare:util-linux runuser:util-linux \
 	tinyproxy:tinyproxy danted:dante-server squid:squid \
 	dnsmasq:dnsmasq-base dhclient:isc-dhcp-client \
-	bgpd:frr vtysh:frr chromium:chromium systemd-analyze:systemd
+	bgpd:frr vtysh:frr initdb:postgresql pg_ctl:postgresql chromium:chromium systemd-analyze:systemd
 system-deps:
-	@missing=""; \
+	@missing=""; pgbin=$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tr '\n' ':'); \
 	for tool in $(SYSTEM_TOOLS); do \
-	  PATH="$$PATH:/usr/sbin:/sbin:/usr/lib/frr" command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
+	  PATH="$$PATH:/usr/sbin:/sbin:/usr/lib/frr:$$pgbin" command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

@@ -49,3 +49,18 @@ MAC_AGE = 300.0
 RESUME_BUFFER = 64 * 1024 * 1024
 #: The virtual hub that always exists, and that cards join by default.
 VIRTUAL_HUB = "DEFAULT"
+
+# -- users shared between hub nodes (PostgreSQL, sevpn.pgusers) ---------------
+#: A hub waits this long for the user database to answer (connecting
+#: included; libpq connects in whole seconds, at least 2).
+USERS_TIMEOUT = 2.0
+#: After the user database failed to answer, logins use the node's copy of
+#: the users without asking it again for this long.
+USERS_RETRY = 5.0
+#: A hub checks the user database for changes this often (and at once when
+#: the database notifies it of one).
+USERS_POLL = 10.0
+#: While the user database does not answer, a user in the node's copy
+#: still logs in if the copy was checked against the database at most this
+#: long ago; users the copy does not hold are refused.
+USERS_GRACE = 3600.0

@@ -28,7 +28,7 @@ from sevpn.port import SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT, Budget
 from sevpn.session import ILink, Session
 from sevpn.switch import DEFAULT_MAX_AGE, DEFAULT_MAX_MACS, Conflict, VirtualHub
-from sevpn.users import HubState, StateError
+from sevpn.users import IUserStore, StateError
 from sevpn.wire import Refusal
 
 #: How often the MAC tables are swept for aged entries.
@@ -106,7 +106,7 @@ class Hub:
 
     def __init__(
         self,
-        state: HubState,
+        state: IUserStore,
         clock: IReactorTime,
         resume_window: float = defaults.RESUME_WINDOW,
         buffer_limit: int = DEFAULT_LIMIT,
@@ -179,7 +179,7 @@ class Hub:
         Check a hello's credentials: its password, or when it has none, the
         client certificate its TLS connection carried (verified against
         the hub's CA by TLS), which must be registered to the hello's user
-        (L{HubState.certificate_login}).  A Deferred that fires with the
+        (L{IUserStore.certificate_login}).  A Deferred that fires with the
         certificate's fingerprint if the card logged in with it (None for
         a password), or fails with L{Refused}.  The check runs where
         C{self.verify} puts it (a thread, in the hub service), so slow

@@ -35,7 +35,7 @@ from sevpn.sequencing import DEFAULT_LIMIT
 from sevpn.switch import DEFAULT_MAX_AGE
 from sevpn.timing import Keepalive
 from sevpn.tls import TLSFactory
-from sevpn.users import HubState, StateError
+from sevpn.users import IUserStore, StateError, open_user_store
 from sevpn.workers import WorkersError
 
 
@@ -103,8 +103,9 @@ class HubService(Service):
         role=None,
         udp: bool = True,
         udp_listen: Optional[str] = None,
+        users: Optional[str] = None,
+        users_settings: Optional[dict] = None,
     ) -> None:
-        self.busy_poll = busy_poll
         """
         @param limits: the hub's bounds per actor, passed to L{Hub}
             (C{max_sessions_per_user}, C{max_macs_per_session},
@@ -112,7 +113,13 @@ class HubService(Service):
         @param udp: offer cards a UDP channel (L{sevpn.channel}).
         @param udp_listen: its address, C{udp:PORT[:interface=ADDRESS]};
             None: beside the first C{listen} endpoint.
+        @param users: where the users live: None for the state dir's
+            files, or the C{postgresql://} URL of the database the nodes
+            of a fabric share (L{sevpn.users.open_user_store}).
+        @param users_settings: for that database: C{grace}, C{poll},
+            C{timeout}, C{retry} (L{sevpn.pgusers.PostgresUserStore}).
         """
+        self.busy_poll = busy_poll
         self.udp = udp
         self.udp_listen = udp_listen
         self.udp_channels = None
@@ -148,6 +155,10 @@ class HubService(Service):
         #: With --workers N > 1: this process's part of the node's hub
         #: (L{sevpn.workers.MainRole} or C{WorkerRole}); None: the one process.
         self.role = role
+        self.users = users
+        self.users_settings = dict(users_settings or {})
+        self.user_store: Optional[IUserStore] = None
+        self.user_watch = None
 
     def startService(self) -> None:
         reactor = reactor_or_global(self.reactor)
@@ -155,18 +166,20 @@ class HubService(Service):
         busypoll.install(reactor, self.busy_poll)
         try:
             StateDir(self.state_dir).create().check(os.geteuid())
-            state = HubState(self.state_dir)
+            state = self.user_store = open_user_store(self.state_dir, self.users, **self.users_settings)
             state.ensure_default()
             for name in state.hubs():
                 state.users(name)  # a damaged users file is said now, not at the first login
             cert, key = ensure_pki(self.state_dir, self.hostnames)
+            self.in_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
             self.hub = Hub(
                 state, reactor, resume_window=self.resume_window, buffer_limit=self.buffer_limit,
-                max_age=self.max_age, verify=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
-                **self.limits,
+                max_age=self.max_age, verify=self.in_thread, **self.limits,
             )
             self.hub.start()
             self.udp_channels = self._listen_udp(reactor)
+            self.user_watch = state.watch(reactor, self._users_changed_elsewhere)
+            self.user_watch.startService()
             self.links = HubLinkFactory(self.hub, reactor, self.keepalive, udp=self.udp_channels)
             self.cascades = CascadeManager(self.hub, self.state_dir, tls_endpoint_for(reactor), self.keepalive)
             factory = TLSFactory(server_tls_options(cert, key), False, self.links)
@@ -211,25 +224,43 @@ class HubService(Service):
             self._close()
             if self.hub is not None:
                 self.hub.shutdown()  # its sweep timer must not outlive a failed start
+            if self.user_store is not None:
+                self.user_store.close()
             raise fatal("sevpn-hub", str(os_error(e, "use") if isinstance(e, OSError) else e))
         Service.startService(self)
         listening = self.listen + ([self.udp_spec] if self.udp_channels is not None else [])
         notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
         self.log.info(
-            "hub running: listening on {listen}, virtual hubs {hubs}, CA certificate {ca}",
+            "hub running: listening on {listen}, virtual hubs {hubs}, users in {users}, CA certificate {ca}",
             listen=", ".join(listening), hubs=", ".join(state.hubs()), ca=os.path.join(self.state_dir, "ca.pem"),
+            users=state.describe()["where"],
         )
 
     def sessions(self) -> list:
         """The cards' and other hubs' cascades' sessions, then this hub's own cascades."""
         return self.hub.describe_sessions() + self.cascades.describe()
-    def users_changed(self) -> dict:
-        """The C{users-changed} control command: see L{Hub.users_changed}."""
-        ended, errors = self.hub.users_changed()
-        return {
-            "ended": [{"id": s.id, "hub": s.vhub.name, "user": s.user, "reason": why} for s, why in ended],
-            "errors": errors,
-        }
+    def users_changed(self):
+        """
+        The C{users-changed} control command: read the users again (in a
+        thread: the store may be a database), then L{Hub.users_changed}.
+        """
+
+        def apply(_):
+            ended, errors = self.hub.users_changed()
+            return {
+                "ended": [{"id": s.id, "hub": s.vhub.name, "user": s.user, "reason": why} for s, why in ended],
+                "errors": errors,
+            }
+
+        def unreadable(failure):
+            failure.trap(StateError)
+            raise control.ControlError(failure.getErrorMessage())
+
+        return self.in_thread(self.user_store.refresh).addCallbacks(apply, unreadable)
+
+    def _users_changed_elsewhere(self) -> None:
+        """Another node changed the shared users: apply them here too (the hub logs each session it ends)."""
+        self.hub.users_changed()
 
     def kick(self, session: str, reason: str = "") -> dict:
         """The C{kick} control command: end a session with a goodbye saying why."""
@@ -240,7 +271,7 @@ class HubService(Service):
             raise control.ControlError(f"there is no session {session} on this hub (see 'sevpn hub sessions')")
         return {"id": ended.id, "hub": ended.vhub.name, "user": ended.user, "reason": reason}
 
-    def _attach_bridges(self, state: HubState, reactor) -> None:
+    def _attach_bridges(self, state: IUserStore, reactor) -> None:
         for option, pairs in (("--bridge", self.bridges), ("--bridge-tap", self.bridge_taps)):
             for hub_name, name in pairs:
                 if not state.exists(hub_name):
@@ -251,7 +282,7 @@ class HubService(Service):
             self.hub.vhub, reactor, self.bridges, self.bridge_taps, [h for h in listening if h], self.bridge_force,
         )
 
-    def _attach_fabric(self, state: HubState, reactor) -> None:
+    def _attach_fabric(self, state: IUserStore, reactor) -> None:
         for hub_name, vni in self.fabric:
             if not state.exists(hub_name):
                 raise FabricError(f"--fabric {hub_name}={vni}: there is no virtual hub named {hub_name} "
@@ -311,6 +342,7 @@ class HubService(Service):
             "state_dir": os.path.abspath(self.state_dir),
             "listen": self.listen,
             "virtual_hubs": hub.state.hubs(),
+            "users": hub.state.describe(),
             "sessions": len(hub.sessions),
             "refusals": hub.refusals,
             "handshaking": self.links.handshaking,
@@ -326,6 +358,9 @@ class HubService(Service):
 
     def _close(self) -> list:
         """Stop listening; return Deferreds that fire when the ports are closed."""
+        if self.user_watch is not None:
+            self.user_watch.stopService()
+            self.user_watch = None
         detach_bridges(self.bridge_ports)
         self.bridge_ports = []
         detach_fabric(self.fabric_members)
@@ -336,6 +371,11 @@ class HubService(Service):
             self.udp_socket.close()
             self.udp_socket = None
         return [maybeDeferred(port.stopListening) for port in ports]
+
+    def _stopped(self, _) -> None:
+        if self.user_store is not None:
+            self.user_store.close()
+        self.log.info("hub stopped")
 
     def stopService(self):
         busypoll.uninstall()
@@ -349,5 +389,5 @@ class HubService(Service):
         goodbyes.addTimeout(2, reactor_or_global(self.reactor))
         workers = [self.role.stop()] if self.role is not None else []
         done = gatherResults([goodbyes.addErrback(lambda _: None)] + closing + workers)
-        done.addBoth(lambda _: self.log.info("hub stopped"))
+        done.addBoth(self._stopped)
         return done

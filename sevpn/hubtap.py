@@ -105,6 +105,14 @@ class Options(CommonOptions):
         ["metrics", None, None,
          "Serve Prometheus metrics (/metrics) and a status page (/) on this endpoint, e.g. "
          "tcp:9100:interface=127.0.0.1 (default: off; loopback only unless --metrics-public)."],
+        ["users", None, None,
+         "Keep the virtual hubs and users in the PostgreSQL database the hub nodes of a fabric share: "
+         "postgresql://USER@HOST/DATABASE (no password here: use --users-file or ~/.pgpass; default: the state dir)."],
+        ["users-file", None, None,
+         "A file (mode 0600 if it holds a password) whose first line is the --users URL."],
+        ["users-grace", None, defaults.USERS_GRACE,
+         "Seconds the node's copy of the shared users still admits known users while the database does not "
+         "answer (0: nobody logs in then).", non_negative(float, "users-grace")],
     ]
     optFlags = [
         ["allow-mac-moves", None,
@@ -141,6 +149,12 @@ class Options(CommonOptions):
                     parse_endpoint(description)
                 except ListenError as e:
                     raise usage.UsageError(str(e))
+        from sevpn.users import StateError, users_location
+
+        try:
+            self["users-url"] = users_location(self["users"], self["users-file"])
+        except StateError as e:
+            raise usage.UsageError(str(e))
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:5555 or tcp6:5555 (repeatable; default: IPv6 and IPv4 on 5555)."""
@@ -223,4 +237,6 @@ def makeService(config: Options) -> IService:
         role=role,
         udp=not config["no-udp"],
         udp_listen=config["udp-listen"],
+        users=config["users-url"],
+        users_settings={"grace": config["users-grace"]} if config["users-url"] else None,
     )

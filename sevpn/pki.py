@@ -12,7 +12,7 @@ user name in the subject, client authentication only, two years), which a
 card presents instead of a password.  The hub asks every card for one
 without requiring it (L{server_tls_options}), verified against its CA;
 which user a certificate logs in as is the user store's business
-(L{sevpn.users.HubState.certificate_login}), by the certificate's SHA-256
+(L{sevpn.users.IUserStore.certificate_login}), by the certificate's SHA-256
 fingerprint.
 """
 

@@ -1,5 +1,9 @@
 """
-The hub's virtual hubs and their users, kept in its state dir.
+The hub's virtual hubs and their users: the store's interface
+(L{IUserStore}), the rules every store shares, and the file store
+(L{HubState}), kept in the hub's state dir.  The other store, shared by
+the hub nodes of a fabric, is PostgreSQL (L{sevpn.pgusers}); a store is
+made by L{open_user_store}.
 
 Layout: C{STATE/hubs/NAME/users.json}, one directory per virtual hub:
 
@@ -33,7 +37,10 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
-from typing import ClassVar, Dict, List, Optional
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
+
+from twisted.application.service import IService, Service
+from zope.interface import Interface, implementer
 
 from sevpn import defaults, wire
 from sevpn.files import StateDir, StateError, ensure_dir, os_error, read_json, write_json
@@ -46,10 +53,12 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 
 
-__all__ = ["StateError", "HubState", "UserPolicy", "CertificateRecord", "DEFAULT_HUB"]  # StateError: sevpn.files
+__all__ = [  # StateError lives in sevpn.files
+    "StateError", "IUserStore", "HubState", "UserPolicy", "CertificateRecord", "DEFAULT_HUB", "open_user_store",
+]
 
 #: A SHA-256 fingerprint as L{sevpn.pki.fingerprint} writes it: 32 bytes, upper-case hex, colons between.
-FINGERPRINT_PATTERN = re.compile(r"[0-9A-F]{2}(:[0-9A-F]{2}){31}\Z")
+FINGERPRINT_PATTERN = re.compile(r"[0-9A-F]{2}(:[0-9A-F]{2}){31}\Z")  # StateError lives in sevpn.files
 
 
 def check_name(kind: str, name: str) -> str:
@@ -205,20 +214,250 @@ class CertificateRecord:
         return cls(fingerprint, **values)
 
 
-def _certificates(record: dict) -> Dict[str, CertificateRecord]:
+def record_certificates(record: dict) -> Dict[str, CertificateRecord]:
+    """The certificates in a user's record, by fingerprint (C{ValueError} for a bad one)."""
     return {fp: CertificateRecord.from_json(fp, info) for fp, info in record.get("certificates", {}).items()}
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, as certificate records keep times (ISO 8601, UTC, seconds)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-class HubState:
+class IUserStore(Interface):
     """
-    The virtual hubs and users under one hub state dir.
+    Where a hub's virtual hubs and users live: the hub (L{sevpn.hub.Hub}),
+    the hub service, cascades and the C{sevpn hub ...} commands use a store
+    only through these methods.
 
-    Everything the hub and the C{sevpn} command know of users goes through
-    this class's methods, so that another store can implement the same.
+    A user's record is a dict as the users file holds it: C{"password"}
+    (a L{hash_password} string), and when set C{"disabled": True},
+    C{"cascade": True} and C{"policy"} (L{UserPolicy}'s limits).
+
+    Threads: L{authenticate} and L{refresh} may wait for the store (the
+    hub runs them in its thread pool); the hub calls the other reads in
+    the reactor thread, so a store that is not local answers them from
+    what it holds.  Every method may raise L{StateError} with a sentence.
+    """
+
+    def describe() -> dict:
+        """Where the users live and how the store is doing: C{{"store", "where", ...}} for status."""
+
+    def ensure_default() -> None:
+        """Make sure the DEFAULT virtual hub can be used."""
+
+    def hubs() -> List[str]:
+        """The virtual hubs' names, sorted; DEFAULT is always one."""
+
+    def exists(hub: str) -> bool:
+        """Whether virtual hub C{hub} exists (DEFAULT always does)."""
+
+    def create_hub(hub: str) -> None:
+        """Add virtual hub C{hub} (nothing happens if it exists)."""
+
+    def delete_hub(hub: str) -> None:
+        """Delete virtual hub C{hub} and its users (not DEFAULT)."""
+
+    def users(hub: str) -> Dict[str, dict]:
+        """The user records of C{hub}, by name (read-only)."""
+
+    def add_user(hub: str, user: str, password: Optional[bytes]) -> bool:
+        """
+        Add a user or change a password (keeping the user's policy and
+        certificates); True if the user is new.  With C{password} None a
+        new user has no password (they log in with a certificate) and an
+        existing one keeps theirs.
+        """
+
+    def set_user(hub: str, user: str, password: Optional[bytes] = None, disabled: Optional[bool] = None,
+                 **limits: int) -> UserPolicy:
+        """Change a user's password, disabled flag and limits (L{UserPolicy}'s names); the user's policy."""
+
+    def delete_user(hub: str, user: str) -> None:
+        """Delete a user."""
+
+    def set_cascade_user(hub: str, user: str, allowed: bool, max_macs: Optional[int] = None) -> None:
+        """Let other hubs' cascades log in as C{user} (optionally with a MAC limit), or no longer."""
+
+    def cascade_user(hub: str, user: str) -> bool:
+        """Whether other hubs' cascades may log in as C{user}."""
+
+    def revoked(hub: str, user: str, certificate: Optional[str] = None) -> Optional[str]:
+        """
+        Why a session of C{user} on C{hub} must end now (a sentence), or
+        None if it may stay; C{certificate}: the fingerprint it logged in
+        with, which must still be the user's and not revoked.
+        """
+
+    def policy(hub: str, user: str) -> Dict[str, int]:
+        """The user's own limits that are set; empty when none are, or no such user."""
+
+    def authenticate(hub: str, user: str, password: bytes) -> Optional[str]:
+        """
+        None if C{user} may join C{hub} with C{password}; else the refusal
+        code (L{wire.Refusal.AUTH_FAILED}), the same for every reason.
+        May wait for the store.
+        """
+
+    def add_certificate(hub: str, user: str, certificate: CertificateRecord) -> bool:
+        """
+        Register a client certificate to C{user}; True if it is new to the
+        user, a L{StateError} when it is another user's or was revoked.
+        """
+
+    def certificates(hub: str, user: str) -> List[CertificateRecord]:
+        """C{user}'s certificates on C{hub}, revoked ones too, the newest last."""
+
+    def revoke_certificates(hub: str, user: str, fingerprint: Optional[str] = None) -> List[str]:
+        """Revoke C{user}'s certificate C{fingerprint}, or all of theirs; the fingerprints revoked now."""
+
+    def certificate_user(hub: str, fingerprint: str) -> Optional[str]:
+        """The user the certificate C{fingerprint} logs in as on C{hub}: None if none (or revoked)."""
+
+    def certificate_login(hub: str, user: str, fingerprint: str) -> Optional[str]:
+        """
+        None if a card whose TLS connection carried the verified
+        certificate C{fingerprint} may join C{hub} as C{user}; else
+        L{wire.Refusal.AUTH_FAILED}, as for a wrong password.  May wait
+        for the store.
+        """
+
+    def refresh() -> bool:
+        """
+        Bring what this process holds up to date with the store: True if
+        the users changed since the last look.  May wait for the store.
+        """
+
+    def watch(reactor, changed: Callable[[], None]) -> IService:
+        """
+        A service that calls C{changed()} in the reactor thread when
+        another process changed the users (a store with nothing to watch
+        returns one that does nothing: the C{sevpn} command tells its
+        hub itself).
+        """
+
+    def close() -> None:
+        """Let go of what the store holds open."""
+
+
+class UserRules:
+    """
+    What every store decides the same way from a virtual hub's records
+    (C{self.exists}, C{self.users}): why a session must end, a user's
+    policy and certificates, whether a user may cascade, whose a
+    certificate is.  A store sets C{self._certificate_index = {}}.
+    """
+
+    _certificate_index: Dict[str, tuple]
+
+    def revoked(self, hub: str, user: str, certificate: Optional[str] = None) -> Optional[str]:
+        if not self.exists(hub):
+            return f"virtual hub {hub} was deleted by the operator"
+        record = self.users(hub).get(user)
+        if record is None:
+            return f"user {user} was deleted by the operator"
+        if record.get("disabled"):
+            return f"user {user} was disabled by the operator"
+        if certificate is not None:
+            cert = record_certificates(record).get(certificate)
+            if cert is None:
+                return f"the certificate {certificate} of user {user} was removed by the operator"
+            if cert.revoked is not None:
+                return f"the certificate {certificate} of user {user} was revoked by the operator"
+        return None
+
+    def policy(self, hub: str, user: str) -> Dict[str, int]:
+        if not self.exists(hub):
+            return {}
+        record = self.users(hub).get(user)
+        return UserPolicy.of(record).limits() if record is not None else {}
+
+    def cascade_user(self, hub: str, user: str) -> bool:
+        record = self.users(hub).get(user) if self.exists(hub) else None
+        return isinstance(record, dict) and record.get("cascade") is True
+
+    def certificates(self, hub: str, user: str) -> List[CertificateRecord]:
+        users = self.users(hub)
+        if user not in users:
+            raise no_such_user(hub, user)
+        return sorted(record_certificates(users[user]).values(), key=lambda c: (c.added, c.fingerprint))
+
+    def certificate_user(self, hub: str, fingerprint: str) -> Optional[str]:
+        if not self.exists(hub):
+            return None
+        users = self.users(hub)
+        index = self._certificate_index.get(hub)
+        if index is None or index[0] is not users:
+            live = {cert.fingerprint: user for user, record in users.items()
+                    for cert in record_certificates(record).values() if cert.revoked is None}
+            index = self._certificate_index[hub] = (users, live)
+        return index[1].get(fingerprint)
+
+
+def check_login(record: Optional[dict], password: bytes) -> Optional[str]:
+    """
+    None if C{password} opens C{record} (a user's record, or None for no
+    such user or virtual hub); else L{wire.Refusal.AUTH_FAILED}, which is
+    the answer for an unknown virtual hub, an unknown user, a disabled
+    user and a wrong password alike, each after one password check: a
+    guesser learns nothing of which it was.
+    """
+    stored = record.get("password", "") if isinstance(record, dict) else ""
+    if not stored:
+        verify_password(password, _DUMMY_HASH)
+        return wire.Refusal.AUTH_FAILED
+    right = verify_password(password, stored)
+    if not right or record.get("disabled"):
+        return wire.Refusal.AUTH_FAILED
+    return None
+
+
+def no_such_user(hub: str, user: str, advice: str = "see 'sevpn hub user list'") -> StateError:
+    return StateError(f"there is no user {user} on virtual hub {hub} ({advice})")
+
+
+def with_settings(
+    record: dict, password: Optional[bytes], disabled: Optional[bool], limits: Dict[str, int]
+) -> Tuple[dict, UserPolicy]:
+    """C{record} changed as L{IUserStore.set_user} says, and the user's policy."""
+    record = dict(record)
+    try:
+        policy = replace(UserPolicy.of(record), **limits)
+    except (TypeError, ValueError) as e:
+        raise StateError(str(e))
+    kept = {k: v for k, v in record.get("policy", {}).items() if k not in UserPolicy.MAXIMA}
+    record["policy"] = dict(kept, **policy.limits())
+    if not record["policy"]:
+        del record["policy"]
+    if disabled is not None:
+        record.pop("disabled", None)
+        if disabled:
+            record["disabled"] = True
+    if password is not None:
+        record["password"] = hash_password(password)
+    return record, policy
+
+
+def with_cascade(record: dict, allowed: bool, max_macs: Optional[int]) -> dict:
+    """C{record} changed as L{IUserStore.set_cascade_user} says."""
+    record = dict(record)
+    if allowed:
+        record["cascade"] = True
+        if max_macs is not None:
+            policy = record.get("policy")
+            record["policy"] = dict(policy if isinstance(policy, dict) else {}, max_macs=max_macs)
+    else:
+        record.pop("cascade", None)
+    return record
+
+
+@implementer(IUserStore)
+class HubState(UserRules):
+    """
+    The file store: the virtual hubs and users under one hub state dir.
+    The files are read at every call (cheaply, by modification time), so
+    there is nothing to refresh and nothing to watch: the C{sevpn}
+    command tells a running hub on the same state dir itself.
     """
 
     def __init__(self, state_dir: str) -> None:
@@ -233,6 +472,18 @@ class HubState:
 
     def _users_path(self, hub: str) -> str:
         return os.path.join(self._hub_dir(hub), "users.json")
+
+    def describe(self) -> dict:
+        return {"store": "files", "where": os.path.join(os.path.abspath(self.state_dir), "hubs")}
+
+    def refresh(self) -> bool:
+        return False
+
+    def watch(self, reactor, changed: Callable[[], None]) -> IService:
+        return Service()
+
+    def close(self) -> None:
+        pass
 
     def ensure_default(self) -> None:
         if not self.exists(DEFAULT_HUB):
@@ -291,19 +542,13 @@ class HubState:
     def _write(self, hub: str, users: Dict[str, dict]) -> None:
         write_json(self._users_path(hub), {"users": users})
 
-    def _record(self, hub: str, user: str) -> dict:
+    def _record(self, hub: str, user: str, advice: str = "see 'sevpn hub user list'") -> dict:
         users = self.users(hub)
         if user not in users:
-            raise StateError(f"there is no user {user} on virtual hub {hub} (see 'sevpn hub user list')")
+            raise no_such_user(hub, user, advice)
         return dict(users[user])
 
     def add_user(self, hub: str, user: str, password: Optional[bytes]) -> bool:
-        """
-        Add a user or change a password (keeping the user's policy and
-        certificates); True if the user is new.  With C{password} None a
-        new user has no password (they log in with a certificate) and an
-        existing one keeps theirs.
-        """
         check_name("user", user)
         if hub == DEFAULT_HUB:
             self.ensure_default()
@@ -322,24 +567,10 @@ class HubState:
         its record), optionally with a MAC limit (its policy's
         C{"max_macs"}), or no longer.
         """
+        record = with_cascade(self._record(hub, user, "add it with 'sevpn hub user add'"), allowed, max_macs)
         users = dict(self.users(hub))
-        if user not in users:
-            raise StateError(f"there is no user {user} on virtual hub {hub} (add it with 'sevpn hub user add')")
-        record = dict(users[user])
-        if allowed:
-            record["cascade"] = True
-            if max_macs is not None:
-                policy = record.get("policy")
-                record["policy"] = dict(policy if isinstance(policy, dict) else {}, max_macs=max_macs)
-        else:
-            record.pop("cascade", None)
         users[user] = record
         self._write(hub, users)
-
-    def cascade_user(self, hub: str, user: str) -> bool:
-        """Whether other hubs' cascades may log in as C{user}."""
-        record = self.users(hub).get(user) if self.exists(hub) else None
-        return isinstance(record, dict) and record.get("cascade") is True
 
     def set_user(
         self, hub: str, user: str, password: Optional[bytes] = None, disabled: Optional[bool] = None, **limits: int
@@ -349,21 +580,7 @@ class HubState:
         (L{UserPolicy}'s names, e.g. C{rate_in=10_000_000}; 0 for the
         default); returns the user's policy.
         """
-        record = self._record(hub, user)
-        try:
-            policy = replace(UserPolicy.of(record), **limits)
-        except (TypeError, ValueError) as e:
-            raise StateError(str(e))
-        kept = {k: v for k, v in record.get("policy", {}).items() if k not in UserPolicy.MAXIMA}
-        record["policy"] = dict(kept, **policy.limits())
-        if not record["policy"]:
-            del record["policy"]
-        if disabled is not None:
-            record.pop("disabled", None)
-            if disabled:
-                record["disabled"] = True
-        if password is not None:
-            record["password"] = hash_password(password)
+        record, policy = with_settings(self._record(hub, user), password, disabled, limits)
         users = dict(self.users(hub))
         users[user] = record
         self._write(hub, users)
@@ -375,58 +592,10 @@ class HubState:
         del users[user]
         self._write(hub, users)
 
-    def revoked(self, hub: str, user: str, certificate: Optional[str] = None) -> Optional[str]:
-        """
-        Why a session of C{user} on C{hub} must end now (the sentence the
-        card and the log get), or None if the user may stay.
-
-        @param certificate: the fingerprint of the certificate the session
-            logged in with, if it did: it must still be the user's and not
-            revoked.
-        """
-        if not self.exists(hub):
-            return f"virtual hub {hub} was deleted by the operator"
-        record = self.users(hub).get(user)
-        if record is None:
-            return f"user {user} was deleted by the operator"
-        if record.get("disabled"):
-            return f"user {user} was disabled by the operator"
-        if certificate is not None:
-            cert = _certificates(record).get(certificate)
-            if cert is None:
-                return f"the certificate {certificate} of user {user} was removed by the operator"
-            if cert.revoked is not None:
-                return f"the certificate {certificate} of user {user} was revoked by the operator"
-        return None
-
-    def policy(self, hub: str, user: str) -> Dict[str, int]:
-        """
-        The user's own limits (C{max_sessions}, C{max_macs}, ... as in
-        L{UserPolicy}), those set in the users file; empty when none are,
-        or no such user.
-        """
-        if not self.exists(hub):
-            return {}
-        record = self.users(hub).get(user)
-        return UserPolicy.of(record).limits() if record is not None else {}
-
     def authenticate(self, hub: str, user: str, password: bytes) -> Optional[str]:
-        """
-        None if C{user} may join C{hub}; else the refusal's code, which is
-        L{wire.Refusal.AUTH_FAILED} for an unknown virtual hub, an unknown
-        user, a disabled user and a wrong password alike, each after one
-        password check: a guesser learns nothing of which it was.
-        """
+        """See L{check_login}: the same refusal for every reason, after one password check."""
         record = self.users(hub).get(user) if self.exists(hub) else None
-        stored = record.get("password", "") if isinstance(record, dict) else ""
-        if not stored:
-            verify_password(password, _DUMMY_HASH)
-            return wire.Refusal.AUTH_FAILED
-        right = verify_password(password, stored)
-        if not right or record.get("disabled"):
-            return wire.Refusal.AUTH_FAILED
-        return None
-
+        return check_login(record, password)
 
     # certificates ------------------------------------------------------------
 
@@ -442,7 +611,7 @@ class HubState:
             raise StateError(f"there is no user {user} on virtual hub {hub} (add it with 'sevpn hub user add')")
         fp = certificate.fingerprint
         for other, record in users.items():
-            known = _certificates(record).get(fp)
+            known = record_certificates(record).get(fp)
             if known is None:
                 continue
             if known.revoked is not None:
@@ -463,10 +632,6 @@ class HubState:
         self._write(hub, users)
         return True
 
-    def certificates(self, hub: str, user: str) -> List[CertificateRecord]:
-        """C{user}'s certificates on C{hub}, revoked ones too, the newest last."""
-        return sorted(_certificates(self._record(hub, user)).values(), key=lambda c: (c.added, c.fingerprint))
-
     def revoke_certificates(self, hub: str, user: str, fingerprint: Optional[str] = None) -> List[str]:
         """
         Revoke C{user}'s certificate C{fingerprint}, or all of theirs (None);
@@ -474,11 +639,11 @@ class HubState:
         running hub is told (L{revoked}).
         """
         record = self._record(hub, user)
-        certs = _certificates(record)
+        certs = record_certificates(record)
         if fingerprint is not None and fingerprint not in certs:
             raise StateError(f"user {user} on virtual hub {hub} has no certificate {fingerprint} "
                              f"(see 'sevpn hub user cert list {user}')")
-        now = _now()
+        now = utc_now()
         done = []
         for fp, cert in certs.items():
             if cert.revoked is None and fingerprint in (None, fp):
@@ -490,18 +655,6 @@ class HubState:
             users[user] = record
             self._write(hub, users)
         return done
-
-    def certificate_user(self, hub: str, fingerprint: str) -> Optional[str]:
-        """The user the certificate C{fingerprint} logs in as on C{hub}: None if none (or revoked)."""
-        if not self.exists(hub):
-            return None
-        users = self.users(hub)
-        index = self._certificate_index.get(hub)
-        if index is None or index[0] is not users:
-            live = {cert.fingerprint: user for user, record in users.items()
-                    for cert in _certificates(record).values() if cert.revoked is None}
-            index = self._certificate_index[hub] = (users, live)
-        return index[1].get(fingerprint)
 
     def certificate_login(self, hub: str, user: str, fingerprint: str) -> Optional[str]:
         """
@@ -516,6 +669,73 @@ class HubState:
         if self.users(hub)[user].get("disabled"):
             return wire.Refusal.AUTH_FAILED
         return None
+
+
+def open_user_store(state_dir: str, users: Optional[str] = None, **settings) -> IUserStore:
+    """
+    The store of a hub: the files in C{state_dir}, or with C{users} (a
+    C{postgresql://} URL, L{users_location}) the database the hub nodes
+    of a fabric share (L{sevpn.pgusers.PostgresUserStore}, which takes
+    C{settings}).
+    """
+    if users is None:
+        return HubState(state_dir)
+    try:
+        from sevpn.pgusers import PostgresUserStore
+    except ImportError as e:
+        raise StateError(f"--users needs the Python package psycopg ({e}): pip install 'psycopg[binary]'")
+    return PostgresUserStore(users, **settings)
+
+
+def users_location(url: Optional[str] = None, path: Optional[str] = None, option: str = "--users") -> Optional[str]:
+    """
+    The shared store's URL from C{--users URL} or C{--users-file PATH}
+    (the file's first line), or None for the files in the state dir.
+    A password is refused on the command line, where every user of the
+    machine can read it in the process list, and in a file others may
+    read: it belongs in a 0600 file, or in libpq's C{~/.pgpass}.
+    """
+    if url is not None and path is not None:
+        raise StateError(f"give {option} or {option}-file, not both")
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                line = f.readline(4096).decode("utf-8", "replace").strip()
+        except OSError as e:
+            raise os_error(e, f"read {option}-file", "give the file holding the user database's URL")
+        if not line:
+            raise StateError(
+                f"{option}-file {path} is empty: its first line must be a postgresql://USER@HOST/DATABASE URL")
+        _check_location(line, f"{option}-file {path}")
+        if _has_password(line) and mode & 0o077:
+            raise StateError(f"{option}-file {path} holds the database password but other users may read it: "
+                             f"chmod 600 {path}")
+        return line
+    if url is None:
+        return None
+    _check_location(url, option)
+    if _has_password(url):
+        raise StateError(f"{option}: the URL holds a password, which every user of this machine can read in the "
+                         f"process list: put the URL in a file only you can read and give {option}-file FILE, "
+                         "or keep the password in ~/.pgpass")
+    return url
+
+
+def _check_location(url: str, where: str) -> None:
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        shown = wire.quote(url.split("@")[-1]) if "@" in url else wire.quote(url)
+        raise StateError(f"{where}: {shown} is not a postgresql://USER@HOST/DATABASE URL (the users of several hub "
+                         "nodes are shared in PostgreSQL; without the option the hub keeps them in its state dir)")
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    return bool(parts.password) or "password" in parse_qs(parts.query)
 
 
 def _checked_users(path: str, data) -> Dict[str, dict]:
@@ -538,7 +758,7 @@ def _checked_users(path: str, data) -> Dict[str, dict]:
             UserPolicy.of(record)
             if not isinstance(record.get("certificates", {}), dict):
                 raise ValueError("'certificates' must be an object")
-            _certificates(record)
+            record_certificates(record)
         except (TypeError, ValueError) as e:
             raise damaged(f"user {name}: {e}")
     return users

@@ -503,7 +503,7 @@ class CertificateLogins(TestCase):
         bob = self.card("bob", 2, password="pw")
         yield eventually(lambda: alice.state == "connected" and bob.state == "connected", "both cards to connect")
         HubState(self.dir).revoke_certificates("DEFAULT", "alice")  # as 'sevpn hub user cert revoke alice'
-        answer = self.service.users_changed()  # and its control command 'users-changed'
+        answer = yield self.service.users_changed()  # and its control command 'users-changed'
         self.assertEqual([(e["user"], e["reason"]) for e in answer["ended"]],
                          [("alice", f"the certificate {self.alice[2]} of user alice was revoked by the operator")])
         # the card is told, tries again with the same certificate, and is refused as with a wrong password
@@ -555,7 +555,7 @@ class CertificateLogins(TestCase):
         alice = self.card("alice", 1, identity=self.alice)
         yield eventually(lambda: alice.state == "connected", "the card to connect")
         HubState(self.dir).set_user("DEFAULT", "alice", disabled=True)
-        self.assertEqual([e["reason"] for e in self.service.users_changed()["ended"]],
+        self.assertEqual([e["reason"] for e in (yield self.service.users_changed())["ended"]],
                          ["user alice was disabled by the operator"])
         yield eventually(lambda: alice.state == "refused", "the card to be refused")
 

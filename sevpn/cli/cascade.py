@@ -14,10 +14,10 @@ import os
 
 from sevpn import control
 from sevpn.cascade import CascadeConfig, CascadeStore
-from sevpn.cli.common import CommandError, command, password, print_json, table
+from sevpn.cli.common import CommandError, command, password, print_json, table, user_store, users_options
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.mac import format_mac, generate_mac
-from sevpn.users import DEFAULT_HUB, HubState, StateError
+from sevpn.users import DEFAULT_HUB, StateError
 
 
 def _poke(state_dir: str):
@@ -45,7 +45,7 @@ def _check_ca_file(path: str) -> str:
 
 
 def cascade_add(args) -> None:
-    if not HubState(args.state_dir).exists(args.hub_name):
+    if not user_store(args, "any").exists(args.hub_name):
         raise CommandError(
             f"there is no virtual hub named {args.hub_name} (create it with 'sevpn hub create {args.hub_name}')"
         )
@@ -107,7 +107,7 @@ def cascade_delete(args) -> None:
 
 def cascade_allow(args) -> None:
     """Mark a user as one other hubs' cascades may log in as."""
-    HubState(args.state_dir).set_cascade_user(args.hub, args.user, True, args.max_macs)
+    user_store(args, "any").set_cascade_user(args.hub, args.user, True, args.max_macs)
     if args.json:
         print_json({"hub": args.hub, "user": args.user, "cascade": True, "max_macs": args.max_macs})
     else:
@@ -116,7 +116,7 @@ def cascade_allow(args) -> None:
 
 
 def cascade_deny(args) -> None:
-    HubState(args.state_dir).set_cascade_user(args.hub, args.user, False)
+    user_store(args, "any").set_cascade_user(args.hub, args.user, False)
     if args.json:
         print_json({"hub": args.hub, "user": args.user, "cascade": False})
     else:
@@ -151,6 +151,7 @@ def register(hub) -> None:
     p.add_argument("--password-file", help="file whose first line is the password (default: standard input)")
     p.add_argument("--ca-file", required=True, help="the remote hub's CA certificate (its STATE/ca.pem)")
     p.add_argument("--server-name", help="name to verify in the remote hub's certificate (default: its host)")
+    users_options(p)
     command(cascades, "list", cascade_list, "list cascades and their state", state, json_flag=True)
     command(cascades, "delete", cascade_delete, "delete a cascade", state, json_flag=True).add_argument("name")
     p = command(cascades, "allow", cascade_allow, "let another hub's cascade log in as this user", state,
@@ -158,7 +159,9 @@ def register(hub) -> None:
     p.add_argument("user")
     p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
     p.add_argument("--max-macs", type=_max_macs, help="the most MACs behind the cascade (default: the table size)")
+    users_options(p)
     p = command(cascades, "deny", cascade_deny, "no longer let cascades log in as this user", state,
                 json_flag=True)
     p.add_argument("user")
     p.add_argument("--hub", default=DEFAULT_HUB, help="virtual hub (default DEFAULT)")
+    users_options(p)

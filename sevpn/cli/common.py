@@ -13,7 +13,8 @@ from typing import Callable, List, Optional
 
 from sevpn import defaults
 from sevpn.quantities import format_duration, format_rate, format_size
-from sevpn.users import read_password_file
+from sevpn.files import StateDir
+from sevpn.users import IUserStore, open_user_store, read_password_file, users_location
 
 class CommandError(Exception):
     """A command cannot be done; the message is the sentence the user sees."""
@@ -45,6 +46,32 @@ def command(sub, name: str, func: Callable, help: str, state: str, json_flag: bo
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=func, default_state_dir=state)
     return p
+
+
+def users_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add C{--users URL} / C{--users-file PATH}: the users in the database the hub nodes of a fabric share."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--users", metavar="URL",
+                       help="the users are in this PostgreSQL database, shared by the nodes of a fabric: "
+                            "postgresql://USER@HOST/DATABASE (no password: use --users-file or ~/.pgpass; "
+                            "default: the state dir)")
+    where.add_argument("--users-file", metavar="FILE", help="a file whose first line is the --users URL")
+    return p
+
+
+def user_store(args: argparse.Namespace, state_dir: str = "require") -> IUserStore:
+    """
+    The store of C{--users}/C{--users-file}, or the state dir's files.
+
+    @param state_dir: for the files: whether the state dir must exist
+        (C{"require"}), is made when missing (C{"create"}, for commands
+        that write), or is left to the store (C{"any"}).
+    """
+    url = users_location(getattr(args, "users", None), getattr(args, "users_file", None))
+    if url is None and state_dir != "any":
+        directory = StateDir(args.state_dir)
+        (directory.create() if state_dir == "create" else directory.require()).check()
+    return open_user_store(args.state_dir, url)
 
 
 def resolve_state_dir(args: argparse.Namespace) -> None:

@@ -9,7 +9,9 @@ from typing import Optional
 
 from sevpn import control
 from sevpn.cli import cascade
-from sevpn.cli.common import CommandError, command, fields, human, password, print_json, table
+from sevpn.cli.common import (
+    CommandError, command, fields, human, password, print_json, table, user_store, users_options,
+)
 from sevpn.cli.fabric import register_hub as register_fabric
 from sevpn.defaults import HUB_STATE_DIR
 from sevpn.files import StateDir
@@ -18,26 +20,27 @@ from sevpn.pki import (
     load_certificate_file, parse_fingerprint,
 )
 from sevpn.quantities import parse_rate
-from sevpn.users import DEFAULT_HUB, CertificateRecord, HubState, StateError, UserPolicy, check_name
+from sevpn.users import DEFAULT_HUB, CertificateRecord, IUserStore, StateError, UserPolicy, check_name
 
 
-def _state(args, write: bool = False) -> HubState:
-    """The hub state of C{--state-dir}: it must exist unless the command writes."""
-    state_dir = StateDir(args.state_dir)
-    (state_dir.create() if write else state_dir.require()).check()
-    return HubState(args.state_dir)
+def _state(args, write: bool = False) -> IUserStore:
+    """The users of C{--users}, or of C{--state-dir} (which must exist unless the command writes)."""
+    return user_store(args, "create" if write else "require")
 
 
 def tell_hub(args, done: str) -> list:
     """
     Tell a hub running on the state dir that users changed, so that it
     ends the sessions of users deleted or disabled and applies the
-    others' policy now (it reads the files at each login anyway).
+    others' policy now (it reads the files at each login anyway; with
+    C{--users} the other nodes hear of it from the database).
     Returns the sessions it ended; none when no hub runs here.
 
     @param done: what the command did, for the sentence if the hub
         cannot be told.
     """
+    if not os.path.isdir(args.state_dir):
+        return []  # no hub here (the users are elsewhere: --users); the nodes hear of it from the database
     try:
         result = control.call(args.state_dir, "users-changed")
     except control.NotRunning:
@@ -63,7 +66,7 @@ def hub_create(args) -> None:
     if state.exists(args.name) and args.name != DEFAULT_HUB:
         raise CommandError(f"virtual hub {args.name} already exists")
     state.create_hub(args.name)
-    print(f"virtual hub {args.name} created in {args.state_dir}")
+    print(f"virtual hub {args.name} created in {state.describe()['where']}")
 
 
 def hub_delete(args) -> None:
@@ -96,7 +99,7 @@ def user_add(args) -> None:
     _add_with_certificate(args, state)
 
 
-def _add_with_certificate(args, state: HubState) -> None:
+def _add_with_certificate(args, state: IUserStore) -> None:
     """C{user add --cert} (issue a key and certificate into C{--out}) or C{--cert-file} (register one)."""
     check_name("user", args.user)
     secret = password(args.password_file).encode("utf-8") if args.password_file else None
@@ -335,6 +338,7 @@ def _rate(option: str):
 def _user_args(p, hub: Optional[str] = DEFAULT_HUB) -> None:
     p.add_argument("user")
     p.add_argument("--hub", default=hub, help="virtual hub (default DEFAULT)")
+    users_options(p)
 
 
 def register(roles) -> None:
@@ -342,9 +346,10 @@ def register(roles) -> None:
     hub = roles.add_parser("hub", help="the virtual HUB").add_subparsers(dest="command", metavar="COMMAND")
     hub.required = True
     state = HUB_STATE_DIR
-    command(hub, "create", hub_create, "add a virtual hub", state).add_argument("name")
-    command(hub, "delete", hub_delete, "delete a virtual hub (its sessions end)", state, json_flag=True).add_argument("name")
-    command(hub, "list", hub_list, "list virtual hubs", state, json_flag=True)
+    users_options(command(hub, "create", hub_create, "add a virtual hub", state)).add_argument("name")
+    users_options(command(hub, "delete", hub_delete, "delete a virtual hub (its sessions end)", state,
+                          json_flag=True)).add_argument("name")
+    users_options(command(hub, "list", hub_list, "list virtual hubs", state, json_flag=True))
     command(hub, "sessions", hub_sessions, "the running hub's sessions", state, json_flag=True)
     command(hub, "macs", hub_macs, "the running hub's MAC table per virtual hub", state, json_flag=True)
     command(hub, "status", hub_status, "the running hub's status", state, json_flag=True)
@@ -370,7 +375,7 @@ def register(roles) -> None:
                         "USER.pem in --out)")
     p.add_argument("--out", metavar="DIR", help="where --cert writes USER.pem and USER.key (default: here)")
     p.add_argument("--cert-file", help="register this certificate (PEM, signed by the hub's CA) to the user")
-    p = command(users, "list", user_list, "list users and their policy", state, json_flag=True)
+    p = users_options(command(users, "list", user_list, "list users and their policy", state, json_flag=True))
     p.add_argument("--hub", help="only this virtual hub")
     p = command(users, "delete", user_delete, "delete a user (their sessions end)", state, json_flag=True)
     _user_args(p)
@@ -383,7 +388,8 @@ def register(roles) -> None:
     certs = users.add_parser("cert", help="the users' client certificates").add_subparsers(
         dest="cert_command", metavar="COMMAND")
     certs.required = True
-    p = command(certs, "list", cert_list, "list certificates: fingerprint, expiry, revoked", state, json_flag=True)
+    p = users_options(command(certs, "list", cert_list, "list certificates: fingerprint, expiry, revoked", state,
+                              json_flag=True))
     p.add_argument("user", nargs="?", help="only this user's")
     p.add_argument("--hub", help="only this virtual hub")
     p = command(certs, "revoke", cert_revoke, "revoke a user's certificate, or all of theirs (their sessions end)",
