@@ -159,12 +159,15 @@ class Card:
         backoff: Optional[Callable[[int], float]] = None,
         features: FrozenSet[str] = frozenset(),
         udp: Optional[Callable] = None,
+        udp_mode: str = "auto",
     ) -> None:
         self.clock = clock
         self.features = frozenset(features)
         #: C{udp(host, port, receiver)}: a datagram socket toward the hub
         #: (L{sevpn.udp.connect}), or None: no UDP channel.
         self.udp = udp
+        #: When the UDP channel carries: C{auto} (while the line is lossy) or C{always}.
+        self.udp_mode = udp_mode
         self.lan = lan
         self.mac = mac
         self.endpoint_for = endpoint_for
@@ -265,7 +268,7 @@ class Card:
         # while the channel carries; one without (a cascade's hub) has none.
         small_frames = getattr(self.lan, "prefer_small_frames", None)
         link.channel = open_card_channel(link, self.session, welcome, self.udp, self.clock,
-                                         bool(self.session.port.mac_offset), small_frames)
+                                         bool(self.session.port.mac_offset), small_frames, mode=self.udp_mode)
 
     def is_current(self, attempt: object) -> bool:
         """Whether C{attempt} is the connection attempt in progress."""
@@ -590,6 +593,7 @@ class Card:
     connected.upon(_link_broke, enter=resuming, outputs=[_log_broke, _open_window, _redial])
     connected.upon(_session_closed, enter=connecting, outputs=[_log_closed, _end_session, _redial])
     connected.upon(_give_up, enter=disconnected, outputs=[_end_session, _log_gave_up, _settle])
+    connected.upon(_attempt_failed, enter=connected, outputs=[])  # a late word of the attempt that connected
 
     resuming.upon(_connect, enter=connecting, outputs=[_stop_dialing, _end_session, _start])
     resuming.upon(_disconnect, enter=disconnected, outputs=[_stop_dialing, _end_session, _log_unplugged, _settle])

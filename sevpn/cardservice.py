@@ -89,9 +89,11 @@ class CardService(Service):
         reactor=None,
         interface: Optional[InterfaceConfig] = None,
         udp: bool = True,
+        udp_mode: str = "auto",
     ) -> None:
         self.busy_poll = busy_poll
         self.udp = udp
+        self.udp_mode = udp_mode
         self.state_dir = state_dir
         #: The TAP's addresses, MTU and DHCP from the command line (accounts may add theirs).
         self.interface_config = interface or InterfaceConfig()
@@ -137,6 +139,7 @@ class CardService(Service):
                 resume_window=self.resume_window,
                 buffer_limit=self.buffer_limit,
                 udp=self._udp(reactor),
+                udp_mode=self.udp_mode,
             )
             self.tap.start_reading()
             self.card = card

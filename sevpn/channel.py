@@ -36,9 +36,19 @@ L{QUIET_AFTER}, or after L{SILENCE_LIMIT} seconds of silence.  The hub
 learns where the card is only from authentic datagrams: the address
 follows the newest (a card behind NAT, roaming).
 
+When it carries.  Every frame over UDP is a datagram of its own, sealed
+and opened in Python, so on a clean fast line TCP (64 KiB super-frames
+whole) moves several times more; on a lossy line UDP is what keeps the
+inner TCP alive.  So a channel that works stands by (I{ready}) while its
+TLS link's TCP shows a clean line, and carries (I{joining}, I{up}) once
+that TCP retransmits more than a few segments in a thousand
+(L{sevpn.lossmeter}); after L{STICKY} seconds of carrying it hands the
+frames back to TCP to measure again.  Mode C{always} carries whenever UDP
+works.
+
 The channel's life is an Automat machine (the table is at the end of
-L{DatagramLink}): probing -> joining -> up -> down -> joining ..., and
-closed.  I{Joining}, the session's frames wait (a second at most) until
+L{DatagramLink}): probing -> ready -> joining -> up -> ready ..., down
+when UDP stops working, and closed.  I{Joining}, the session's frames wait (a second at most) until
 the peer acknowledged every frame that went over TLS, so that none sent
 over UDP overtakes one still on its way over TCP: the receiver would count
 it lost, and a resume would not bring it back.
@@ -66,6 +76,7 @@ from zope.interface import Interface, implementer
 
 from sevpn import datagram, mss, offload as vnet, tls, wire
 from sevpn.acking import AckPolicy
+from sevpn.lossmeter import SAMPLE_INTERVAL, LossMeter
 from sevpn.sequencing import SequenceError
 from sevpn.session import ILink, IShaper, Session
 from sevpn.timing import TokenBucket
@@ -98,7 +109,12 @@ JOIN_TIMEOUT = 1.0
 JOIN_LIMIT = 1 << 20
 JOIN_STEP = 0.1
 
-PROBING, JOINING, UP, DOWN, OFF = "probing", "joining", "up", "down", "off"
+PROBING, READY, JOINING, UP, DOWN, OFF = "probing", "ready", "joining", "up", "down", "off"
+#: When the channel carries: while the line is lossy (L{sevpn.lossmeter}), or always.
+AUTO, ALWAYS = "auto", "always"
+#: Carrying since this long, an C{auto} channel hands the frames back to
+#: TCP to see whether the line is clean again.
+STICKY = 300.0
 
 
 class ChannelStatus:
@@ -189,8 +205,12 @@ class DatagramLink:
     def __init__(
         self, link, session: Session, clock, channel_id: int, derive: datagram.Derive,
         transport: IDatagramTransport, room: int, offload: bool, clamp: Optional[Tuple[int, int]] = None,
+        mode: str = AUTO,
     ) -> None:
         self.link = link
+        #: C{auto}: carry while the line is lossy; C{always}: whenever UDP works.
+        self.mode = mode
+        self.meter = LossMeter()
         self.session = session
         self.clock = clock
         self.id = channel_id
@@ -218,6 +238,29 @@ class DatagramLink:
         self._join_call = None
         self._answers = TokenBucket(ANSWER_RATE, ANSWER_RATE, clock.seconds())
         session.shaper = self
+        self._measure_call = clock.callLater(SAMPLE_INTERVAL, self._measure)
+
+    # when to carry -----------------------------------------------------------
+
+    def _measure(self) -> None:
+        """Read the TLS link's TCP counters; a lossy line makes a ready channel carry."""
+        self._measure_call = self.clock.callLater(SAMPLE_INTERVAL, self._measure)
+        if self.state == READY:
+            counters = self.link.tcp_counters()
+            if counters is not None:
+                self.meter.sample(*counters)
+            if self.mode == ALWAYS or self.meter.lossy():
+                self.lossy()
+        elif self.state in (JOINING, UP) and self.mode == AUTO:
+            if self.clock.seconds() - self._state_since >= STICKY:
+                self.clean()
+
+    def works(self) -> None:
+        """UDP was heard working both ways: the channel is ready (and carries at once if always)."""
+        if self.state not in (READY, JOINING, UP):
+            self.answered()
+            if self.mode == ALWAYS and self.state == READY:
+                self.lossy()
 
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} {self.id:016x} {self.state}>"
@@ -365,7 +408,7 @@ class DatagramLink:
         """Answer a probe (a few a second at most): the answer carries our ack."""
         if self._answers.take(self.clock.seconds()):
             self._send(wire.Probe(self.acks.note(), probe.token, reply=True,
-                                  hearing=self.state in (JOINING, UP)).encode(), wire.PROBE)
+                                  hearing=self.state in (READY, JOINING, UP)).encode(), wire.PROBE)
 
     # joining: no frame over UDP may overtake one that went over TLS -------------
 
@@ -425,6 +468,10 @@ class DatagramLink:
         """Not heard yet: frames go over TCP."""
 
     @_machine.state()
+    def ready(self):
+        """UDP works both ways, but the line is clean: frames stay on TCP, the channel stands by."""
+
+    @_machine.state()
     def joining(self):
         """
         UDP works both ways; the session's frames wait here until the peer
@@ -464,6 +511,37 @@ class DatagramLink:
     @_machine.input()
     def drained(self):
         """Joining: what went over TLS is acknowledged (or the wait is over)."""
+
+    @_machine.input()
+    def lossy(self):
+        """The line is lossy (or the mode is always): carry."""
+
+    @_machine.input()
+    def clean(self):
+        """Carried long enough: give the frames back to TCP and measure the line again."""
+
+    @_machine.output()
+    def _stand_by(self) -> None:
+        self._enter(READY)
+        self.meter.reset()
+        self.log.info("{peer}: UDP channel ready: frames go over UDP once the line loses packets",
+                      peer=self.describe_peer())
+
+    @_machine.output()
+    def _note_down(self, why: str) -> None:
+        self._enter(DOWN)
+        self.log.warn("{peer}: UDP channel down ({why}): frames stay on TCP", peer=self.describe_peer(), why=why)
+
+    @_machine.output()
+    def _back_to_tcp(self) -> None:
+        self._stop_join_timer()
+        self._enter(READY)
+        self.meter.reset()
+        self.session.stop_using_link(self)
+        self.carrying(False)
+        self._release_held()
+        self.log.info("{peer}: frames back on TCP, to see whether the line is clean again",
+                      peer=self.describe_peer())
 
     @_machine.output()
     def _join(self) -> None:
@@ -530,6 +608,9 @@ class DatagramLink:
 
     @_machine.output()
     def _end(self) -> None:
+        if self._measure_call is not None and self._measure_call.active():
+            self._measure_call.cancel()
+        self._measure_call = None
         self._enter(OFF)
         self.acks.stop()
         if self.session.shaper is self:
@@ -544,35 +625,53 @@ class DatagramLink:
         self.state = self.status.state = state
         self._state_since = self.clock.seconds()
 
-    probing.upon(answered, enter=joining, outputs=[_join])
+    probing.upon(answered, enter=ready, outputs=[_stand_by])
     probing.upon(peer_deaf, enter=probing, outputs=[_ignore])
     probing.upon(silent, enter=down, outputs=[_note_blocked])
     probing.upon(close, enter=closed, outputs=[_end])
     probing.upon(drained, enter=probing, outputs=[_ignore])
+    probing.upon(lossy, enter=probing, outputs=[_ignore])
+    probing.upon(clean, enter=probing, outputs=[_ignore])
+
+    ready.upon(lossy, enter=joining, outputs=[_join])
+    ready.upon(clean, enter=ready, outputs=[_ignore])
+    ready.upon(answered, enter=ready, outputs=[_ignore])
+    ready.upon(peer_deaf, enter=down, outputs=[_note_down])
+    ready.upon(silent, enter=down, outputs=[_note_down])
+    ready.upon(close, enter=closed, outputs=[_end])
+    ready.upon(drained, enter=ready, outputs=[_ignore])
 
     joining.upon(drained, enter=up, outputs=[_carry])
     joining.upon(answered, enter=joining, outputs=[_ignore])
     joining.upon(peer_deaf, enter=down, outputs=[_unjoin])
     joining.upon(silent, enter=down, outputs=[_unjoin])
     joining.upon(close, enter=closed, outputs=[_stop_joining, _end])
+    joining.upon(lossy, enter=joining, outputs=[_ignore])
+    joining.upon(clean, enter=ready, outputs=[_back_to_tcp])
 
     up.upon(answered, enter=up, outputs=[_ignore])
     up.upon(peer_deaf, enter=down, outputs=[_uncarry])
     up.upon(silent, enter=down, outputs=[_uncarry])
     up.upon(close, enter=closed, outputs=[_stop_carrying, _end])
     up.upon(drained, enter=up, outputs=[_ignore])
+    up.upon(lossy, enter=up, outputs=[_ignore])
+    up.upon(clean, enter=ready, outputs=[_back_to_tcp])
 
-    down.upon(answered, enter=joining, outputs=[_join])
+    down.upon(answered, enter=ready, outputs=[_stand_by])
     down.upon(peer_deaf, enter=down, outputs=[_ignore])
     down.upon(silent, enter=down, outputs=[_ignore])
     down.upon(close, enter=closed, outputs=[_end])
     down.upon(drained, enter=down, outputs=[_ignore])
+    down.upon(lossy, enter=down, outputs=[_ignore])
+    down.upon(clean, enter=down, outputs=[_ignore])
 
     closed.upon(answered, enter=closed, outputs=[_ignore])
     closed.upon(peer_deaf, enter=closed, outputs=[_ignore])
     closed.upon(silent, enter=closed, outputs=[_ignore])
     closed.upon(close, enter=closed, outputs=[_ignore])
     closed.upon(drained, enter=closed, outputs=[_ignore])
+    closed.upon(lossy, enter=closed, outputs=[_ignore])
+    closed.upon(clean, enter=closed, outputs=[_ignore])
 
 
 class CardChannel(DatagramLink):
@@ -606,7 +705,7 @@ class CardChannel(DatagramLink):
         self._probed_at = now
         if self._unanswered_since is None:
             self._unanswered_since = now
-        self._send(wire.Probe(self.acks.note(), self._token, hearing=self.state in (JOINING, UP)).encode(),
+        self._send(wire.Probe(self.acks.note(), self._token, hearing=self.state in (READY, JOINING, UP)).encode(),
                    wire.PROBE)
 
     def _tick(self) -> None:
@@ -617,7 +716,7 @@ class CardChannel(DatagramLink):
         if waiting is not None and now - waiting >= DOWN_AFTER:
             self.silent(f"nothing from the hub for {now - waiting:.0f} s")
         since_probe = now - self._probed_at
-        if self.state in (JOINING, UP):
+        if self.state in (READY, JOINING, UP):
             due = busy or waiting is not None or since_probe >= IDLE_PROBE_INTERVAL
         else:
             due = now - self._state_since < SLOW_PROBING_AFTER or since_probe >= IDLE_PROBE_INTERVAL
@@ -641,8 +740,8 @@ class CardChannel(DatagramLink):
         self._unanswered_since = None
         if probe.token == self._token and self._probed_at is not None:
             self.status.rtt = self.clock.seconds() - self._probed_at
-        if self.state not in (JOINING, UP):
-            self.answered()
+        if self.state not in (READY, JOINING, UP):
+            self.works()
             self._probe()  # tell the hub at once that we hear it
         self.check_drained()
 
@@ -707,11 +806,11 @@ class HubChannel(DatagramLink):
             self.answer(probe)
         if probe is not None and not probe.hearing:
             self.peer_deaf("the card hears nothing from the hub")
-        elif self.state not in (JOINING, UP):
+        elif self.state not in (READY, JOINING, UP):
             # A card sends DATA and ACK only while it hears the hub.  (The
             # machine's input is not cheap: it is given only when the
             # state would change.)
-            self.answered()
+            self.works()
         self.check_drained()
 
     def solicit(self) -> None:
@@ -781,9 +880,11 @@ class HubChannels:
     MAX_SOURCES = 4096
 
     def __init__(self, clock, port: int, max_channels: int = 8192,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
+                 random: Callable[[int], bytes] = os.urandom, mode: str = AUTO) -> None:
         self.clock = clock
         self.port = port
+        #: When the channels carry (L{AUTO} or L{ALWAYS}).
+        self.mode = mode
         self.max_channels = max_channels
         self.random = random
         #: Where datagrams go out: set when the socket is bound (L{sevpn.udp}).
@@ -814,7 +915,7 @@ class HubChannels:
         host = getattr(getattr(link.transport, "getPeer", lambda: None)(), "host", "") or ""
         channel = HubChannel(
             link, session, self.clock, channel_id, derive, self.transport,
-            datagram.room(family(str(host))), offload, table=self, name=name,
+            datagram.room(family(str(host))), offload, table=self, name=name, mode=self.mode,
         )
         self._channels[channel_id] = channel
         return channel
@@ -870,8 +971,8 @@ class HubChannels:
 
 
 def open_card_channel(link, session: Session, welcome: wire.Welcome, connect: Callable, clock,
-                      offload: bool, small_frames: Optional[Callable[[bool], None]] = None
-                      ) -> Optional[CardChannel]:
+                      offload: bool, small_frames: Optional[Callable[[bool], None]] = None,
+                      mode: str = AUTO) -> Optional[CardChannel]:
     """
     The card's channel beside C{link}, as the hub's C{welcome} offers it,
     or None (logged) when it cannot be had.
@@ -898,6 +999,7 @@ def open_card_channel(link, session: Session, welcome: wire.Welcome, connect: Ca
     channel = CardChannel(
         link, session, clock, welcome.udp_channel, derive, transport, room, offload,
         clamp=mss.limits(room), hub=format_address((host, welcome.udp_port)), small_frames=small_frames,
+        mode=mode,
     )
     holder.append(channel)
     return channel

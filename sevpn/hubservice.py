@@ -103,6 +103,7 @@ class HubService(Service):
         role=None,
         udp: bool = True,
         udp_listen: Optional[str] = None,
+        udp_mode: str = "auto",
         users: Optional[str] = None,
         users_settings: Optional[dict] = None,
     ) -> None:
@@ -121,6 +122,7 @@ class HubService(Service):
         """
         self.busy_poll = busy_poll
         self.udp = udp
+        self.udp_mode = udp_mode
         self.udp_listen = udp_listen
         self.udp_channels = None
         self.udp_socket = None
@@ -316,7 +318,7 @@ class HubService(Service):
         if self.role is not None and listen_udp is None:
             self.log.warn("UDP channel off: hub workers share no UDP port yet")
             return None
-        channels = HubChannels(reactor, 0)
+        channels = HubChannels(reactor, 0, mode=self.udp_mode)
         try:
             if listen_udp is not None:
                 self.udp_socket = udp.adopt(reactor, listen_udp(spec), channels)

@@ -122,6 +122,7 @@ class Options(CommonOptions):
          "Let --metrics listen beyond loopback: the page shows user names and addresses to anyone who reaches it."],
         ["bridge-force", None, "Bridge an interface even if it carries an address the hub listens on."],
         ["no-udp", None, "Offer cards no UDP channel: frames always go over TLS/TCP."],
+        ["udp-always", None, "Send frames over a card's UDP channel whenever it works, not only on a lossy line."],
     ]
 
     def __init__(self) -> None:
@@ -236,6 +237,7 @@ def makeService(config: Options) -> IService:
         fabric=config["fabric"],
         role=role,
         udp=not config["no-udp"],
+        udp_mode="always" if config["udp-always"] else "auto",
         udp_listen=config["udp-listen"],
         users=config["users-url"],
         users_settings={"grace": config["users-grace"]} if config["users-url"] else None,

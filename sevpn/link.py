@@ -27,7 +27,8 @@ L{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 import socket
-from typing import List, Optional
+import struct
+from typing import List, Optional, Tuple
 
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, succeed
@@ -50,6 +51,8 @@ from sevpn.timing import Keepalive
 ACK_FRAMES = 128
 ACK_BYTES = 512 * 1024
 ACK_DELAY = 1.0
+#: struct tcp_info: tcpi_total_retrans (u32 at 100) and tcpi_segs_out (u32 at 136).
+_TCP_INFO = struct.Struct("100xI32xI")
 #: The most bytes the kernel holds unsent for a link (TCP_NOTSENT_LOWAT).
 #: The send buffer itself is left to the kernel's autotuning, which sizes it
 #: to the line (bandwidth x RTT: megabytes on a long fast line); bounding
@@ -126,6 +129,20 @@ class Link(Protocol):
         except Exception:
             port = ""
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}".rstrip(":")
+
+    def tcp_counters(self) -> Optional[Tuple[int, int]]:
+        """
+        The connection's TCP totals (segments retransmitted, segments sent),
+        from C{TCP_INFO}; None where there is no TCP socket (tests, UNIX).
+        """
+        try:
+            info = self.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+        except (AttributeError, OSError):
+            return None
+        if len(info) < _TCP_INFO.size:
+            return None
+        fields = _TCP_INFO.unpack(info)
+        return fields[0], fields[1]
 
     def peer_address(self) -> str:
         """

@@ -50,6 +50,7 @@ class Options(CommonOptions):
         ["no-offload", None, "Open the TAP without kernel offload (no 64 KiB super-frames; slower)."],
         ["dhcp", None, "Get an address by DHCP (dhclient) once connected; released when the card stops."],
         ["no-udp", None, "Never use a UDP channel: frames always go over TLS/TCP."],
+        ["udp-always", None, "Send frames over the UDP channel whenever it works, not only on a lossy line."],
     ]
 
     def __init__(self) -> None:
@@ -150,4 +151,5 @@ def makeService(config: Options) -> IService:
         offload=not config["no-offload"],
         interface=config["interface"],
         udp=not config["no-udp"],
+        udp_mode="always" if config["udp-always"] else "auto",
     )

@@ -367,7 +367,8 @@ class Lab:
         self.channels: Optional[HubChannels] = None
         if udp:
             self.datagrams = MemoryDatagrams()
-            self.channels = HubChannels(self.clock, HUB_ADDRESS[1])
+            # the in-memory lines have no TCP counters: channels carry whenever UDP works
+            self.channels = HubChannels(self.clock, HUB_ADDRESS[1], mode="always")
             self.channels.transport = self.datagrams.bind(HUB_ADDRESS, self.channels)
         self.network = MemoryNetwork(self.clock, HubLinkFactory(self.hub, self.clock, self.keepalive,
                                                                 udp=self.channels))
@@ -396,6 +397,7 @@ class Lab:
             self._users.add((user, hub))
         if self.datagrams is not None and "udp" not in kw:
             kw["udp"] = lambda hub, port, receiver: self.datagrams.connect(host, (hub, port), receiver)
+            kw.setdefault("udp_mode", "always")  # no TCP counters in memory: carry whenever UDP works
         card = Card(
             self.clock, NicSide(FakeTap(self.clock, kw.pop("offload", False))), mac(n),
             lambda account: FromHost(self.network, host),

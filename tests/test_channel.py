@@ -484,3 +484,48 @@ class Liveness(UdpLab):
         got = numbers(b.lan.tap)
         self.send(a, numbered(3, 100), 0.2)
         self.assertEqual(numbers(b.lan.tap)[len(got):], [100, 101, 102])  # over TCP
+
+
+class WhenToCarry(SynchronousTestCase):
+    """Mode auto: a channel that works stands by on a clean line and carries on a lossy one."""
+
+    def setUp(self):
+        self.lab = Lab(self, udp=True)
+        self.lab.channels.mode = "auto"
+
+    def test_stands_by_until_the_line_loses_packets(self):
+        a, b = self.lab.card(1, udp_mode="auto"), self.lab.card(2, udp_mode="auto")
+        self.lab.network.run(3)
+        self.assertEqual((a.status()["udp"], b.status()["udp"]), ("ready", "ready"))
+        [link] = [c.client for c in self.lab.network.connections if c.client.card is a]
+        totals = [0, 0]
+
+        def counters():
+            totals[0] += 10  # 1% of the segments retransmitted
+            totals[1] += 1000
+            return tuple(totals)
+
+        link.tcp_counters = counters
+        self.lab.network.run(12)
+        self.assertEqual(a.status()["udp"], "up")
+        self.assertEqual(b.status()["udp"], "ready")  # the hub's side has its own line to measure
+
+    def test_hands_back_to_tcp_after_a_while(self):
+        from sevpn import channel as channels
+
+        a = self.lab.card(1, udp_mode="auto")
+        self.lab.network.run(3)
+        [link] = [c.client for c in self.lab.network.connections if c.client.card is a]
+        totals = [0, 0]
+
+        def counters():
+            totals[0] += 10
+            totals[1] += 1000
+            return tuple(totals)
+
+        link.tcp_counters = counters
+        self.lab.network.run(12)
+        self.assertEqual(a.status()["udp"], "up")
+        link.tcp_counters = lambda: None  # on UDP the TCP link says nothing
+        self.lab.network.run(channels.STICKY + 3, step=1)
+        self.assertEqual(a.status()["udp"], "ready")

@@ -152,10 +152,10 @@ class RealChannels(TestCase):
         self.addCleanup(service.stopService)
         return service
 
-    def card(self, service, n, user):
+    def card(self, service, n, user, udp_mode="always"):
         port = service.ports[0].getHost().port
         card = Card(reactor, NicSide(FakeTap(reactor)), mac(n), tls_endpoint_for(reactor),
-                    udp=partial(udp.connect, reactor))
+                    udp=partial(udp.connect, reactor), udp_mode=udp_mode)
         card.connect(Account(name="t", hub=f"127.0.0.1:{port}", user=user, password="pw",
                              ca_file=os.path.join(self.dir, "ca.pem")))
         self.addCleanup(card.disconnect)
@@ -164,7 +164,7 @@ class RealChannels(TestCase):
     @inlineCallbacks
     def test_frames_cross_over_udp_with_keys_from_tls(self):
         self.assertIsNone(tls.EXPORTER_MISSING)
-        service = self.start_hub()
+        service = self.start_hub(udp_mode="always")
         self.assertTrue(service.status()["udp"].startswith("udp:"))
         a, b = self.card(service, 1, "alice"), self.card(service, 2, "bob")
         yield eventually(lambda: a.status().get("udp") == b.status().get("udp") == "up", "both channels up")
@@ -175,6 +175,16 @@ class RealChannels(TestCase):
         self.assertGreaterEqual(b.status()["udp_datagrams_in"], 100)
         self.assertEqual(service.status()["udp_unknown_channel"], 0)
         self.assertEqual(a.status()["udp_peer"], f"127.0.0.1:{service.udp_channels.port}")
+
+    @inlineCallbacks
+    def test_on_a_clean_line_the_channel_stands_by(self):
+        """The default (auto): UDP works, but loopback loses nothing, so frames stay on TCP."""
+        service = self.start_hub()
+        a, b = self.card(service, 1, "alice", "auto"), self.card(service, 2, "bob", "auto")
+        yield eventually(lambda: a.status().get("udp") == b.status().get("udp") == "ready", "both channels ready")
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"%06d" % i + b"." * 1200) for i in range(100)])
+        yield eventually(lambda: len(payloads(b.lan.tap, mac(2))) == 100, "100 frames at b")
+        self.assertLess(b.status()["udp_datagrams_in"], 20)  # probes and their answers only
 
     @inlineCallbacks
     def test_a_hub_started_with_no_udp(self):
