@@ -33,15 +33,44 @@ class UdpTopology(Topology):
 
 
 class UdpSystemTestCase(SystemTestCase):
+    """Hub and cards with C{--udp-always}: the channel carries whenever UDP works."""
+
     @classmethod
     def start(cls, topo):
-        two_cards(topo)
+        two_cards(topo, hub_args=("--udp-always",), card_args=("--udp-always",))
         for i in (1, 2):
             wait_for(lambda i=i: topo.udp_state(i) == "up", 15, f"card {i}'s UDP channel to come up")
 
     @classmethod
     def make_topology(cls) -> Topology:
         return UdpTopology(cls.hosts)
+
+
+class UdpStandsBy(SystemTestCase):
+    """By default (auto) the channel stands by on a clean line: frames go over TCP."""
+
+    @classmethod
+    def start(cls, topo):
+        two_cards(topo)
+        for i in (1, 2):
+            wait_for(lambda i=i: topo.udp_state(i) == "ready", 15, f"card {i}'s UDP channel to stand by")
+
+    @classmethod
+    def make_topology(cls) -> Topology:
+        return UdpTopology(cls.hosts)
+
+    def test_a_clean_line_carries_over_tcp(self):
+        topo = self.topo
+        before = topo.card_status(2)["udp_datagrams_in"]
+        result, expected = transfer_result(topo, *transfer(topo, 1, 2, 20))
+        self.assertIsNone(result["error"])
+        self.assertEqual(result["sha256"], expected)
+        after = topo.card_status(2)
+        # probes only: the 20 MiB crossed the TLS link
+        self.assertLess(after["udp_datagrams_in"] - before, 1000)
+        self.assertEqual(after["udp"], "ready")
+        self.assertEqual([s["udp"] for s in topo.hub_sessions()], ["ready", "ready"])
+        self.assertRegex(sevpn("nic", "status", "--state-dir", topo.card_state(1)).stdout, r"udp:\s+ready")
 
 
 class UdpUp(UdpSystemTestCase):
