@@ -175,6 +175,11 @@ class KernelTests(TestCase):
             self.assertIsNone(remove_bridge(self.backplane, self.links))
         self.assertEqual(vhub.ports, [])
 
+    def forwarding(self) -> set:
+        ports = json.loads(subprocess.run(["bridge", "-n", self.ns, "-j", "link", "show"], capture_output=True,
+                                          text=True, check=True).stdout)
+        return {p["ifname"] for p in ports if p.get("master") == "br-DEFAULT" and p.get("state") == "forwarding"}
+
     async def wait(self, predicate, what, seconds=5.0):
         deadline = time.monotonic() + seconds
         while not predicate():
@@ -189,6 +194,8 @@ class KernelTests(TestCase):
         b = self.card(vhub1, 2)
         c = self.card(vhub1, 3)
         d = self.card(vhub0, 4)
+        # the kernel turns a new port to forwarding when it sees its carrier (linkwatch: up to a second later)
+        await self.wait(lambda: self.forwarding() == {"vs-DEFAULT-0", "vs-DEFAULT-1"}, "both ports to forward", 10)
         # a broadcast from a card of worker 0: every other card once, the sender never
         a.os_sends([self.frame(BROADCAST, mac(1), b"hello everyone")])
         await self.wait(lambda: b.written and c.written and d.written, "the broadcast")
