@@ -48,6 +48,15 @@ def payloads(tap, dst=None):
     return [f[14:] for f in tap.written if dst is None or f[:6] == dst]
 
 
+
+def run_pumped(clock, pump, seconds: float, step: float) -> None:
+    """Let C{seconds} pass on C{clock} in steps of C{step}, calling C{pump} between them."""
+    end = clock.seconds() + seconds
+    while clock.seconds() < end:
+        pump()
+        clock.advance(min(step, end - clock.seconds()))
+    pump()
+
 class MemoryTransport:
     """One end of an in-memory TCP connection."""
 
@@ -181,11 +190,7 @@ class MemoryNetwork:
 
     def run(self, seconds: float, step: float = 0.05) -> None:
         """Let C{seconds} pass on the clock, pumping as we go."""
-        end = self.clock.seconds() + seconds
-        while self.clock.seconds() < end:
-            self.pump()
-            self.clock.advance(min(step, end - self.clock.seconds()))
-        self.pump()
+        run_pumped(self.clock, self.pump, seconds, step)
 
     def cut(self) -> None:
         """Break every connection without a goodbye; data in flight is lost."""
@@ -473,11 +478,7 @@ class Sites:
 
     def run(self, seconds: float, step: float = 0.05) -> None:
         """Let C{seconds} pass on the clock, pumping as we go."""
-        end = self.clock.seconds() + seconds
-        while self.clock.seconds() < end:
-            self.pump()
-            self.clock.advance(min(step, end - self.clock.seconds()))
-        self.pump()
+        run_pumped(self.clock, self.pump, seconds, step)
 
 
 class Raw(Protocol):
@@ -578,3 +579,20 @@ class BlockingCard:
         except OSError:
             pass
         self.sock.close()
+
+
+def overflow_during_outage(lab, a, b, count: int = 40) -> None:
+    """
+    Card C{b} (of MAC C{mac(2)}) is learned, the line is cut, C{a} (of
+    C{mac(1)}) sends C{count} numbered frames of 500 bytes to C{b} (more
+    than a small resume buffer holds), and the line comes back for three
+    seconds.
+    """
+    b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
+    lab.network.pump()
+    lab.network.cut()
+    for i in range(count):
+        a.lan.tap.os_sends([frame(mac(2), mac(1), b"%05d" % i + b"x" * 500)])
+    lab.network.restore()
+    lab.network.run(3)
+

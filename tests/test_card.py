@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sevpn import card as card_states
 from sevpn.hub import Hub
 from sevpn.hublink import HubLinkFactory
-from tests.support import BROADCAST, Lab, frame, mac, payloads
+from tests.support import BROADCAST, Lab, overflow_during_outage, frame, mac, payloads
 
 
 class Reconnect(SynchronousTestCase):
@@ -181,13 +181,7 @@ class Resume(SynchronousTestCase):
     def test_buffer_overflow_is_counted(self):
         lab = Lab(self, buffer_limit=4096)
         a, b = lab.card(1), lab.card(2)
-        b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
-        lab.network.pump()
-        lab.network.cut()
-        for i in range(40):
-            a.lan.tap.os_sends([frame(mac(2), mac(1), b"%05d" % i + b"x" * 500)])
-        lab.network.restore()
-        lab.network.run(3)
+        overflow_during_outage(lab, a, b)
         got = payloads(b.lan.tap)
         dropped = a.status()["frames_dropped"]
         self.assertGreater(dropped, 0)

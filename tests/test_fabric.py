@@ -9,14 +9,13 @@ trimmed to a few entries.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import subprocess
 import sys
 import time
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from sevpn.fabric import (
     FabricError, FabricNode, Segment, check_underlay, describe, fabric, fabric_attach, fabric_down, fabric_up,
@@ -26,6 +25,7 @@ from sevpn.fabric import (
 from sevpn.frr import command_runner
 from scripts.fabric_topology import FabricTopology, run
 from scripts.netns import env, sha256_file, wait_for
+from tests.test_system import SystemTestCase
 
 LINKS = json.dumps([
     {"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP", "LOWER_UP"], "mtu": 65536, "operstate": "UNKNOWN"},
@@ -397,53 +397,10 @@ class StatusTests(TestCase):
 # the system tests ------------------------------------------------------------
 
 
-class FabricSystemTestCase(TestCase):
-    """
-    One topology per class, shared by its tests (trial has no
-    setUpClass): made before the first test, removed after the last one,
-    also when tests fail, or at exit.
-    """
+class FabricSystemTestCase(SystemTestCase):
+    """One fabric per class, shared by its tests (see L{SystemTestCase})."""
 
     timeout = 120
-    topo = None
-
-    def setUp(self):
-        cls = type(self)
-        if "_remaining" not in cls.__dict__:
-            cls._remaining = len([n for n in dir(cls) if n.startswith("test_")])
-            cls._error = None
-            try:
-                topo = cls.make()
-            except SkipTest:
-                raise
-            except BaseException as e:
-                cls._error = e
-                raise
-            atexit.register(topo.close)
-            try:
-                cls.start(topo)
-            except BaseException as e:
-                topo.close()
-                cls._error = e
-                raise
-            cls.topo = topo
-        if cls._error is not None:
-            raise AssertionError(f"the fabric could not be set up: {cls._error}")
-        self.addCleanup(self._done)
-
-    def _done(self):
-        cls = type(self)
-        cls._remaining -= 1
-        if cls._remaining == 0 and cls.topo is not None:
-            cls.topo.close()
-
-    @classmethod
-    def make(cls):
-        raise NotImplementedError
-
-    @classmethod
-    def start(cls, topo):
-        pass
 
 
 def report(what: str, seconds: float) -> None:
@@ -461,7 +418,7 @@ class Fabric(FabricSystemTestCase):
     MARKER = "fabric-broadcast-marker"
 
     @classmethod
-    def make(cls):
+    def make_topology(cls):
         return FabricTopology(3, reflectors=(3,))
 
     @classmethod
@@ -615,7 +572,7 @@ class Plans(FabricSystemTestCase):
     """The device plans against a real kernel, in one namespace, without FRR."""
 
     @classmethod
-    def make(cls):
+    def make_topology(cls):
         return FabricTopology(1, frr=False)
 
     def test_up_attach_down(self):

@@ -12,7 +12,7 @@ from sevpn import card as card_states
 from sevpn import wire
 from sevpn.metrics import read_hub, registry_for
 from sevpn.port import Port
-from tests.support import BROADCAST, Lab, RawFactory, frame, mac, payloads
+from tests.support import BROADCAST, Lab, overflow_during_outage, RawFactory, frame, mac, payloads
 
 
 class Bridge(Port):
@@ -141,13 +141,7 @@ class Collector(SynchronousTestCase):
     def test_frames_the_card_lost_are_counted_inbound(self):
         lab = Lab(self, buffer_limit=4096)
         a, b = lab.card(1), lab.card(2)
-        b.lan.tap.os_sends([frame(BROADCAST, mac(2))])
-        lab.network.pump()
-        lab.network.cut()
-        for i in range(40):
-            a.lan.tap.os_sends([frame(mac(2), mac(1), b"%05d" % i + b"x" * 500)])
-        lab.network.restore()
-        lab.network.run(3)
+        overflow_during_outage(lab, a, b)
         lost = Scrape(lab).value("sevpn_session_dropped_frames_total", user="u1", cause="lost_inbound")
         self.assertGreater(lost, 0)
         self.assertEqual(lost, a.status()["frames_dropped"])
