@@ -68,14 +68,20 @@ def check_ifname(name: str, what: str = "device name") -> str:
 
 
 def check_vni(vni: int) -> int:
-    """C{vni}, if it is a VXLAN network identifier (1 to L{MAX_VNI}, an C{int}, not a C{bool}); else a L{FabricError}."""
+    """
+    C{vni}, if it is a VXLAN network identifier (1 to L{MAX_VNI}, an C{int},
+    not a C{bool}); else a L{FabricError}.
+    """
     if not isinstance(vni, int) or isinstance(vni, bool) or not 1 <= vni <= MAX_VNI:
         raise FabricError(f"VNI {vni!r} is out of range: a VXLAN network identifier is 1 to {MAX_VNI}")
     return vni
 
 
 def check_address(address: str, what: str = "address") -> str:
-    """C{address} in its normal form if it is an IPv4 address (the fabric's underlay is IPv4); else a L{FabricError}."""
+    """
+    C{address} in its normal form if it is an IPv4 address (the fabric's
+    underlay is IPv4); else a L{FabricError}.
+    """
     try:
         return str(ipaddress.IPv4Address(address))
     except (ipaddress.AddressValueError, ValueError):
@@ -544,7 +550,10 @@ class EvpnMacs:
 
 
 def parse_evpn_macs(text: str) -> Dict[int, EvpnMacs]:
-    """C{show evpn mac vni all json}: each VNI's MACs, local ones by port and remote ones by VTEP; other kinds are skipped."""
+    """
+    C{show evpn mac vni all json}: each VNI's MACs, local ones by port and
+    remote ones by VTEP; other kinds are skipped.
+    """
     data = _json(text, "'show evpn mac vni all json'")
     result = {}
     for key, v in data.items() if isinstance(data, dict) else ():

@@ -348,7 +348,10 @@ class HubService(Service):
         return channels
 
     def status(self) -> dict:
-        """The C{status} control command: what the hub listens on, its virtual hubs, sessions, refusals and bounds' counters."""
+        """
+        The C{status} control command: what the hub listens on, its virtual
+        hubs, sessions, refusals and bounds' counters.
+        """
         hub = self.hub
         udp = {"udp": self.udp_spec if self.udp_channels is not None else None}
         if self.udp_channels is not None:

@@ -195,7 +195,10 @@ class Segment:
         self.conflicts_reported: Dict[bytes, int] = {}
 
     def take_token(self, now: float) -> bool:
-        """Whether one more foreign probe may be flooded on now: at most L{FOREIGN_RATE} a second, in bursts of as many."""
+        """
+        Whether one more foreign probe may be flooded on now: at most
+        L{FOREIGN_RATE} a second, in bursts of as many.
+        """
         self.tokens = min(FOREIGN_RATE, self.tokens + (now - self.tokens_at) * FOREIGN_RATE)
         self.tokens_at = now
         if self.tokens < 1:
@@ -204,7 +207,11 @@ class Segment:
         return True
 
     def first_time(self, key: tuple) -> bool:
-        """Whether a probe (its link, sequence number and mark) is seen here for the first time, so each copy is flooded once; the last L{SEEN_LIMIT} are remembered."""
+        """
+        Whether a probe (its link, sequence number and mark) is seen here for
+        the first time, so each copy is flooded once; the last L{SEEN_LIMIT}
+        are remembered.
+        """
         if key in self.seen:
             return False
         self.seen[key] = None

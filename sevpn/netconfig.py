@@ -176,7 +176,10 @@ class ProcessRunner:
         return path
 
     def run(self, argv: Sequence[str]) -> Deferred:
-        """Run C{argv} to its end: a Deferred of its standard output (cut at L{OUTPUT_LIMIT}), or of a L{CommandFailed}."""
+        """
+        Run C{argv} to its end: a Deferred of its standard output (cut at
+        L{OUTPUT_LIMIT}), or of a L{CommandFailed}.
+        """
         done: Deferred = Deferred()
         try:
             path = self.find(argv[0])
@@ -239,7 +242,10 @@ class DhcpClient:
         return [self.program, *extra, "-pf", self.pid_file, "-lf", self.lease_file, self.device]
 
     def start(self) -> None:
-        """Start C{dhclient} in the foreground, unless it runs; a failure to start it is logged and shown in status, not raised."""
+        """
+        Start C{dhclient} in the foreground, unless it runs; a failure to
+        start it is logged and shown in status, not raised.
+        """
         if self.process is not None:
             return
         try:
@@ -384,7 +390,10 @@ class CardInterface:
         return dhcp.stop() if dhcp is not None else succeed(None)
 
     def status(self) -> dict:
-        """For C{sevpn nic status}: the interface's settings, the DHCP client's state, and the errors met setting them."""
+        """
+        For C{sevpn nic status}: the interface's settings, the DHCP client's
+        state, and the errors met setting them.
+        """
         info = self.config.describe()
         info["dhcp_client"] = self.dhcp.describe() if self.dhcp is not None else None
         info["errors"] = list(self.errors)

@@ -360,7 +360,10 @@ class UserRules:
     _certificate_index: Dict[str, tuple]
 
     def revoked(self, hub: str, user: str, certificate: Optional[str] = None) -> Optional[str]:
-        """L{IUserStore.revoked}: the hub, the user or the certificate gone, the user disabled, or the certificate revoked."""
+        """
+        L{IUserStore.revoked}: the hub, the user or the certificate gone, the
+        user disabled, or the certificate revoked.
+        """
         if not self.exists(hub):
             return f"virtual hub {hub} was deleted by the operator"
         record = self.users(hub).get(user)

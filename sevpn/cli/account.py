@@ -61,7 +61,10 @@ def account_add(args) -> None:
 
 
 def account_list(args) -> None:
-    """C{sevpn account list}: the entries without their secrets; a damaged entry is named and makes the exit status 1."""
+    """
+    C{sevpn account list}: the entries without their secrets; a damaged entry
+    is named and makes the exit status 1.
+    """
     StateDir(args.state_dir).require().check()
     store = AccountStore(args.state_dir)
     rows, damaged = [], []

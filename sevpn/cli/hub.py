@@ -189,7 +189,11 @@ def cert_list(args) -> None:
 
 
 def cert_revoke(args) -> None:
-    """C{sevpn hub user cert revoke USER [FINGERPRINT]}: revoke one certificate or all of the user's; a running hub ends the sessions that logged in with them."""
+    """
+    C{sevpn hub user cert revoke USER [FINGERPRINT]}: revoke one certificate
+    or all of the user's; a running hub ends the sessions that logged in with
+    them.
+    """
     fingerprint = parse_fingerprint(args.fingerprint) if args.fingerprint else None
     revoked = _state(args).revoke_certificates(args.hub, args.user, fingerprint)
     if not revoked:
@@ -267,7 +271,10 @@ def _control(args, name: str, **kw):
 
 
 def hub_sessions(args) -> None:
-    """C{sevpn hub sessions}: the running hub's sessions and cascades, with their counters (and worker, with C{--workers})."""
+    """
+    C{sevpn hub sessions}: the running hub's sessions and cascades, with their
+    counters (and worker, with C{--workers}).
+    """
     rows = _control(args, "sessions")
     if args.json:
         print_json(rows)
@@ -283,7 +290,10 @@ def hub_sessions(args) -> None:
 
 
 def hub_macs(args) -> None:
-    """C{sevpn hub macs}: the running hub's MAC table per virtual hub, its switch counters, and MACs claimed by more than one port."""
+    """
+    C{sevpn hub macs}: the running hub's MAC table per virtual hub, its switch
+    counters, and MACs claimed by more than one port.
+    """
     macs = _control(args, "macs")
     if args.json:
         print_json(macs)
@@ -316,7 +326,10 @@ def hub_status(args) -> None:
 
 
 def hub_ca(args) -> None:
-    """C{sevpn hub ca}: the CA certificate cards trust, with the fingerprint to compare against what C{sevpn account add} prints."""
+    """
+    C{sevpn hub ca}: the CA certificate cards trust, with the fingerprint to
+    compare against what C{sevpn account add} prints.
+    """
     StateDir(args.state_dir).require()
     info = ca_info(args.state_dir)
     if args.json:

@@ -143,7 +143,10 @@ def print_card(info: dict) -> None:
 
 
 def nic_show(args) -> None:
-    """C{sevpn nic show}: every card on this machine (each state dir under C{--root}), running or not, as C{wg show} does."""
+    """
+    C{sevpn nic show}: every card on this machine (each state dir under
+    C{--root}), running or not, as C{wg show} does.
+    """
     if args.state_dir is not None:
         dirs = [StateDir(args.state_dir).require().path]
     else:
