@@ -250,7 +250,8 @@ class CardService(Service):
     def stopService(self):
         """
         Shut the card down: release the DHCP lease (if any) while the hub still
-        carries it, then disconnect from the hub, then close the control socket and the TAP.
+        carries it, then disconnect from the hub, then close the control socket
+        and the TAP.
         """
         busypoll.uninstall()
         notify("STOPPING=1")

@@ -307,9 +307,9 @@ class DatagramLink:
 
     def outgoing(self, frames: Sequence) -> Sequence:
         """
-        L{IShaper.outgoing}: clamp the MSS of the TCP SYNs going out (a card's channel), and
-        while the channel is up cut super-frames too large for one datagram into
-        plain segments, so that they need no IP fragmentation.
+        L{IShaper.outgoing}: clamp the MSS of the TCP SYNs going out (a card's
+        channel), and while the channel is up cut super-frames too large for
+        one datagram into plain segments, so that they need no IP fragmentation.
         """
         clamp = self.clamp
         if clamp is not None:
