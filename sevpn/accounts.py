@@ -46,6 +46,12 @@ def parse_hub_address(text: str) -> Tuple[str, int]:
 
 @dataclass
 class Account:
+    """
+    One connection entry of the card: which hub and virtual hub to dial, as
+    which user, and how to trust the hub (its CA, pinned by fingerprint).
+    Checked as it is built, so a bad entry is refused with a sentence.
+    """
+
     name: str
     hub: str
     user: str
@@ -131,6 +137,8 @@ class Account:
 
 
 class AccountStore:
+    """The card's accounts in C{STATE/accounts/}, one 0600 JSON file each."""
+
     def __init__(self, state_dir: str) -> None:
         self.state = StateDir(state_dir)
         self.directory = os.path.join(state_dir, "accounts")
@@ -139,12 +147,14 @@ class AccountStore:
         return os.path.join(self.directory, check_name("account", name) + ".json")
 
     def save(self, account: Account) -> None:
+        """Write the account's file (0600: it may hold the password), replacing one of the same name."""
         self.state.create()
         ensure_dir(self.directory)
         data = asdict(account)
         write_json(self._path(account.name), data, mode=0o600)
 
     def get(self, name: str) -> Account:
+        """The account called C{name}; L{StateError} naming the fix if it is missing or damaged."""
         path = self._path(name)
         data = read_json(path, None, "account")
         if data is None:

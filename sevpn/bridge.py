@@ -319,6 +319,11 @@ class RawBridgePort(Port):
         return self.fd
 
     def doRead(self) -> None:
+        """
+        Read up to L{READ_BUDGET} frames from the LAN and hand them to the
+        hub in batches: the host's own frames, truncated and runt frames are
+        skipped and counted; VLAN tags stripped by the kernel are put back.
+        """
         recvmsg = self.sock.recvmsg
         offset = self.mac_offset
         frames: List[bytes] = []
@@ -435,6 +440,7 @@ class RawBridgePort(Port):
     # life and status -----------------------------------------------------------
 
     def close(self) -> None:
+        """Leave the LAN: stop reading and close the packet socket (once)."""
         if self.closed:
             return
         super().close()

@@ -73,6 +73,12 @@ class ConfiguredNic(NicSide):
 
 
 class CardService(Service):
+    """
+    The virtual LAN card process (C{twistd sevpn-nic}): opens the TAP device
+    and the control socket, runs the L{Card} that connects it to a hub, and
+    configures the TAP's addresses as the command line and the account say.
+    """
+
     log = Logger()
 
     def __init__(
@@ -111,6 +117,11 @@ class CardService(Service):
         self.control_port = None
 
     def startService(self) -> None:
+        """
+        Bring the card up, cable unplugged: the TAP device, the control socket,
+        and a connection if an account was given.  A failure stops the process
+        with one sentence (L{fatal}), after closing what was opened.
+        """
         from sevpn.tapdevice import TapError, TapPort
 
         reactor = reactor_or_global(self.reactor)
@@ -237,6 +248,11 @@ class CardService(Service):
             self.tap = None
 
     def stopService(self):
+        """
+        Shut the card down: release the DHCP lease (if any) while the hub still
+        carries it, then disconnect from the hub, then close the control socket
+        and the TAP.
+        """
         busypoll.uninstall()
         notify("STOPPING=1")
         Service.stopService(self)

@@ -94,6 +94,11 @@ class CascadeConfig:
         )
 
     def hello_mac(self) -> bytes:
+        """
+        The MAC for the hello: the configured one, else a locally administered
+        unicast MAC derived from the cascade's name, so it stays the same across
+        restarts without being stored.
+        """
         if self.mac:
             return parse_mac(self.mac)
         digest = bytearray(hashlib.sha256(b"sevpn cascade " + self.name.encode()).digest()[:6])
@@ -177,6 +182,11 @@ class HubSide:
         self.carrier = on
 
     def plug(self, port: Port) -> None:
+        """
+        Plug the session's port into the local virtual hub, named after the
+        cascade and allowed the switch's whole table of MACs, and register it
+        with the loop guard (which keeps it blocked until it closes no loop).
+        """
         port.name = self.name
         port.max_macs = self.vhub.max_entries
         self.port = port
@@ -206,6 +216,10 @@ class Cascade:
         self.error = error
 
     def describe(self) -> dict:
+        """
+        The cascade as a row of the hub's session list (C{"kind": "cascade"}):
+        its configuration plus the card's status, every counter present.
+        """
         config = self.config
         info = {
             "kind": "cascade",

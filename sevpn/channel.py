@@ -306,6 +306,11 @@ class DatagramLink:
     # IShaper: frames on their way through the session ----------------------------
 
     def outgoing(self, frames: Sequence) -> Sequence:
+        """
+        L{IShaper.outgoing}: clamp the MSS of the TCP SYNs going out (a card's
+        channel), and while the channel is up cut super-frames too large for
+        one datagram into plain segments, so that they need no IP fragmentation.
+        """
         clamp = self.clamp
         if clamp is not None:
             offset = vnet.HEADER_SIZE if self.offload else 0
@@ -329,6 +334,10 @@ class DatagramLink:
         return fitted
 
     def incoming(self, frames: Sequence) -> Sequence:
+        """
+        L{IShaper.incoming}: clamp the MSS of the TCP SYNs coming in (a card's
+        channel), so that the segments the card's side sends fit a datagram too.
+        """
         clamp = self.clamp
         if clamp is None:
             return frames
@@ -728,6 +737,11 @@ class CardChannel(DatagramLink):
             self._busy = True
 
     def heard(self, address, kind: int, probe: Optional[wire.Probe]) -> None:
+        """
+        Note the hub's datagram: answer its probe; only the answer to our own
+        probe shows the hub hears us too, which times the round trip and makes
+        the channel ready.
+        """
         if kind == wire.DATA:
             self._busy = True
         if probe is not None and not probe.reply:
@@ -793,6 +807,11 @@ class HubChannel(DatagramLink):
         return f"session {self.name}"
 
     def heard(self, address, kind: int, probe: Optional[wire.Probe]) -> None:
+        """
+        Note the card's datagram: follow the card's address if it moved, answer
+        its probe, and go down if it says it hears nothing, else count the
+        channel as working (the card sends only while it hears the hub).
+        """
         self._unanswered_since = None
         if address != self.peer:
             if self.peer is not None:
@@ -822,6 +841,10 @@ class HubChannel(DatagramLink):
             self._unanswered_since = self.clock.seconds()
 
     def stale(self) -> Optional[str]:
+        """
+        While up: down after L{SILENCE_LIMIT} seconds of silence from the card,
+        or when it said nothing L{QUIET_AFTER} seconds after datagrams went to it.
+        """
         if self.state != UP:
             return None
         now = self.clock.seconds()
@@ -928,6 +951,11 @@ class HubChannels:
     # the socket's receiver
 
     def datagram_received(self, data, address) -> None:
+        """
+        A datagram on the hub's UDP port: to its channel by id (unknown ids are
+        counted); a source in its penalty is dropped before any crypto, and one
+        whose datagrams fail authentication is charged for it.
+        """
         channel_id = datagram.channel_of(data)
         channel = self._channels.get(channel_id) if channel_id is not None else None
         if channel is None:

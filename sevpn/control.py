@@ -52,11 +52,21 @@ def _answer_for(result) -> dict:
 
 
 class ControlProtocol(LineOnlyReceiver):
+    """
+    One control connection: one request line, one answer line, then the
+    connection is closed.  A L{ControlError} or C{ValueError} is answered
+    as its sentence; anything else is logged and answered as an internal error.
+    """
+
     delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
     log = Logger()
 
     def lineReceived(self, line: bytes) -> None:
+        """
+        Run the request's command with its arguments and answer with its
+        result; an unknown or malformed request is answered as such.
+        """
         try:
             request = json.loads(line.decode("utf-8"))
             command = self.factory.commands[request["command"]]
@@ -83,6 +93,8 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(Factory):
+    """The control socket's listener: C{commands} maps each command's name to the function that answers it."""
+
     noisy = False
 
     protocol = ControlProtocol
@@ -92,6 +104,7 @@ class ControlFactory(Factory):
 
 
 def socket_path(state_dir: str, name: str = SOCKET_NAME) -> str:
+    """Where the control socket of the hub or card with C{state_dir} is."""
     return os.path.join(state_dir, name)
 
 

@@ -68,12 +68,20 @@ def check_ifname(name: str, what: str = "device name") -> str:
 
 
 def check_vni(vni: int) -> int:
+    """
+    C{vni}, if it is a VXLAN network identifier (1 to L{MAX_VNI}, an C{int},
+    not a C{bool}); else a L{FabricError}.
+    """
     if not isinstance(vni, int) or isinstance(vni, bool) or not 1 <= vni <= MAX_VNI:
         raise FabricError(f"VNI {vni!r} is out of range: a VXLAN network identifier is 1 to {MAX_VNI}")
     return vni
 
 
 def check_address(address: str, what: str = "address") -> str:
+    """
+    C{address} in its normal form if it is an IPv4 address (the fabric's
+    underlay is IPv4); else a L{FabricError}.
+    """
     try:
         return str(ipaddress.IPv4Address(address))
     except (ipaddress.AddressValueError, ValueError):
@@ -479,11 +487,13 @@ def fabric_up(node: FabricNode, key, run: Runner) -> Plan:
 
 
 def fabric_down(node: FabricNode, key, run: Runner) -> Plan:
+    """Take a segment (by VNI or hub name) down on this node: read the links, plan (L{plan_down}), run."""
     seg = node.segment(key)
     return apply(plan_down(node, seg, parse_links(run(LINKS_COMMAND))), run)
 
 
 def fabric_attach(node: FabricNode, key, port: str, run: Runner) -> Plan:
+    """Make C{port} a port of a segment's bridge (L{plan_attach}): read the links, plan, run."""
     seg = node.segment(key)
     return apply(plan_attach(seg, port, parse_links(run(LINKS_COMMAND))), run)
 
@@ -513,6 +523,7 @@ class Vni:
 
 
 def parse_evpn_vnis(text: str) -> Dict[int, Vni]:
+    """C{show evpn vni json}: zebra's VNIs by number; entries that are not VNIs are skipped."""
     data = _json(text, "'show evpn vni json'")
     result = {}
     for key, v in data.items() if isinstance(data, dict) else ():
@@ -539,6 +550,10 @@ class EvpnMacs:
 
 
 def parse_evpn_macs(text: str) -> Dict[int, EvpnMacs]:
+    """
+    C{show evpn mac vni all json}: each VNI's MACs, local ones by port and
+    remote ones by VTEP; other kinds are skipped.
+    """
     data = _json(text, "'show evpn mac vni all json'")
     result = {}
     for key, v in data.items() if isinstance(data, dict) else ():
@@ -558,6 +573,8 @@ def parse_evpn_macs(text: str) -> Dict[int, EvpnMacs]:
 
 @dataclass(frozen=True)
 class BgpPeer:
+    """One BGP-EVPN session as C{show bgp l2vpn evpn summary json} shows it."""
+
     address: str
     hostname: str
     state: str

@@ -97,6 +97,10 @@ class FabricMember:
         return info
 
     def close(self) -> None:
+        """
+        Leave the fabric: stop reflecting MACs, take the port off the virtual
+        hub, then close the FDB reflector and the TAP.
+        """
         self.reflection.stop()
         self.vhub.remove_port(self.port)
         self.reflector.close()
@@ -184,4 +188,5 @@ def detach_fabric(members: Sequence[FabricMember]) -> None:
 
 
 def describe_fabric(members: Sequence[FabricMember]) -> List[dict]:
+    """Each fabric member's L{FabricMember.describe}, for C{sevpn hub fabric}."""
     return [m.describe() for m in members]

@@ -166,10 +166,16 @@ def merge_generic(answers: Answers) -> object:
 
 
 def merge_sessions(answers: Answers) -> list:
+    """C{sessions}: every worker's rows, each tagged with its C{worker}."""
     return [row for k, rows in answers for row in _tagged(rows, k)]
 
 
 def merge_macs(answers: Answers) -> dict:
+    """
+    C{macs}: per virtual hub every worker's rows, tagged with their worker;
+    a MAC behind a backplane port is shown only if no worker has it on one of
+    its own ports, and then once; switch counters summed.
+    """
     merged: Dict[str, dict] = {}
     for k, hubs in answers:
         for hub, info in hubs.items():

@@ -218,6 +218,10 @@ def read_json(path: str, default, what: str = "state"):
 
 
 def write_json(path: str, obj, mode: int = 0o600) -> None:
+    """
+    Replace C{path} atomically with C{obj} as indented JSON (L{write_private};
+    private unless C{mode} says otherwise).
+    """
     write_private(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 

@@ -79,6 +79,11 @@ class HubSession(Session):
         return self.link is None
 
     def describe(self, now: float) -> dict:
+        """
+        The session as a row of C{sevpn hub sessions}: who, where, its state
+        (connected or held), how it logged in, and its port's counters (and the
+        loop guard's state, for a cascade).
+        """
         info = {
             "id": self.id,
             "hub": self.vhub.name,
@@ -408,6 +413,11 @@ class Hub:
         session.expiry = None
 
     def end_session(self, session: HubSession, why: str) -> None:
+        """
+        End C{session} for good (once): its port leaves the virtual hub and the
+        loop guard, what it held is let go, and the log says C{why}.  Its link,
+        if any, is left to the caller (L{end_with_goodbye} tells the card).
+        """
         if session.ended:
             return
         session.ended = True

@@ -37,6 +37,12 @@ class HubLink(Link):
         self._handshake_call = None
 
     def connectionMade(self) -> None:
+        """
+        Admit the connection (L{sevpn.guard.Admission}: handshakes in progress,
+        per address and in all, and the rate of new ones) or abort it at
+        once; an admitted card has L{defaults.HANDSHAKE_TIMEOUT} seconds to
+        say hello.
+        """
         self._admitted = self.factory.admit(self.peer_address())
         if not self._admitted:
             self.open = False
@@ -64,6 +70,12 @@ class HubLink(Link):
         self.fail(f"no hello within {defaults.HANDSHAKE_TIMEOUT:g} seconds")
 
     def handshake_message(self, kind: int, body: memoryview) -> None:
+        """
+        The card's hello (only one): decode it and have the hub authenticate
+        it, by password or by the client certificate TLS verified; a bad hello
+        is refused as such.  Later, a PROBE is the card saying over TLS that it
+        hears nothing on its UDP channel.
+        """
         if kind == wire.PROBE and self.channel is not None:
             # The card says over TLS what it cannot say over UDP: it hears nothing there.
             self.channel.told_over_tls(wire.Probe.decode(body))

@@ -79,6 +79,13 @@ def release_large_blocks() -> None:
 
 
 class HubService(Service):
+    """
+    The hub process (C{twistd sevpn-hub}), or one worker of it: the user
+    store, the CA and server certificate, the TLS and UDP ports, local
+    bridges, fabric ports, cascades, the control socket and the metrics page
+    around one L{Hub}.
+    """
+
     log = Logger()
 
     def __init__(
@@ -163,6 +170,12 @@ class HubService(Service):
         self.user_watch = None
 
     def startService(self) -> None:
+        """
+        Open everything the hub needs, in order, or stop the process with one
+        sentence (L{fatal}) after closing what was opened: a damaged users file,
+        a port in use or a missing virtual hub is said at start, not at the
+        first login.
+        """
         reactor = reactor_or_global(self.reactor)
         release_large_blocks()
         busypoll.install(reactor, self.busy_poll)
@@ -335,6 +348,10 @@ class HubService(Service):
         return channels
 
     def status(self) -> dict:
+        """
+        The C{status} control command: what the hub listens on, its virtual
+        hubs, sessions, refusals and bounds' counters.
+        """
         hub = self.hub
         udp = {"udp": self.udp_spec if self.udp_channels is not None else None}
         if self.udp_channels is not None:
@@ -380,9 +397,9 @@ class HubService(Service):
         self.log.info("hub stopped")
 
     def stopService(self):
+        """Say goodbye to every card, waiting at most two seconds for it."""
         busypoll.uninstall()
         notify("STOPPING=1", "STATUS=saying goodbye to the cards")
-        """Say goodbye to every card, waiting at most two seconds for it."""
         Service.stopService(self)
         cascades = self.cascades.stop() if self.cascades is not None else []
         links = self.hub.shutdown() if self.hub is not None else []

@@ -81,6 +81,8 @@ _workers.coerceDoc = "1 (one process) to 1024."
 
 
 class Options(CommonOptions):
+    """C{twistd sevpn-hub}'s options; each option's text is its help line (C{longdesc} the command's)."""
+
     synopsis = "[options]"
     longdesc = "Run a sevpn virtual HUB: a TLS server with one Ethernet switch per virtual hub."
     optParameters = [
@@ -139,6 +141,11 @@ class Options(CommonOptions):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
+        """
+        Check what options say together: C{--metrics-public} needs C{--metrics};
+        with C{--workers} every C{--listen} must be an endpoint the workers can
+        share; C{--users}/C{--users-file} become C{users-url}.
+        """
         super().postOptions()
         if self["metrics-public"] and not self["metrics"]:
             raise usage.UsageError("--metrics-public needs --metrics ENDPOINT")
@@ -203,6 +210,10 @@ class Options(CommonOptions):
 
 
 def makeService(config: Options) -> IService:
+    """
+    The hub's service from its options: one L{HubService}, which with
+    C{--workers N} is the main process that starts and watches the others.
+    """
     from sevpn.hubservice import HubService
 
     workers = config["workers"]

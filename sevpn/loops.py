@@ -130,6 +130,10 @@ class Probe:
 
     @classmethod
     def decode(cls, frame: Sequence, offset: int = 0) -> "Probe":
+        """
+        The probe in a control frame whose Ethernet header starts at C{offset}
+        (after a virtio-net header, if any); L{BadProbe} if it is not one of ours.
+        """
         start = offset + 14
         if len(frame) < start + _PROBE.size:
             raise BadProbe("a control frame too short for a probe")
@@ -191,6 +195,10 @@ class Segment:
         self.conflicts_reported: Dict[bytes, int] = {}
 
     def take_token(self, now: float) -> bool:
+        """
+        Whether one more foreign probe may be flooded on now: at most
+        L{FOREIGN_RATE} a second, in bursts of as many.
+        """
         self.tokens = min(FOREIGN_RATE, self.tokens + (now - self.tokens_at) * FOREIGN_RATE)
         self.tokens_at = now
         if self.tokens < 1:
@@ -199,6 +207,11 @@ class Segment:
         return True
 
     def first_time(self, key: tuple) -> bool:
+        """
+        Whether a probe (its link, sequence number and mark) is seen here for
+        the first time, so each copy is flooded once; the last L{SEEN_LIMIT}
+        are remembered.
+        """
         if key in self.seen:
             return False
         self.seen[key] = None

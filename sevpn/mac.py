@@ -25,6 +25,7 @@ class InvalidMAC(ValueError):
 
 
 def format_mac(mac: bytes) -> str:
+    """C{mac} as six lower-case hex bytes with colons, the form Linux tools print."""
     return ":".join(f"{b:02x}" for b in mac)
 
 

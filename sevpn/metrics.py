@@ -170,6 +170,11 @@ class HubCollector:
         self.read = read
 
     def collect(self) -> Iterator[Metric]:
+        """
+        The metric families of one fresh reading: the hub's figures (sessions,
+        handshakes, resume memory, refusals), each virtual hub's MAC table and
+        switch counters, and each session's and port's counters.
+        """
         reading = self.read()
         hub = reading["hub"]
         vhubs = reading["virtual_hubs"]

@@ -75,6 +75,7 @@ def parse_address(text: str, where: str = "--address") -> Address:
 
 
 def check_mtu(mtu: int, where: str = "--mtu") -> int:
+    """C{mtu}, if it is a whole number from L{MIN_MTU} to L{MAX_MTU}; else a L{ConfigError} naming C{where}."""
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
         raise ConfigError(f"{where} {mtu}: an MTU is {MIN_MTU} to {MAX_MTU} bytes")
     return mtu
@@ -147,6 +148,7 @@ class _Collect(ProcessProtocol):
             self.err += data[: OUTPUT_LIMIT - len(self.err)]
 
     def processEnded(self, reason) -> None:
+        """The command ended: its output if it succeeded, else a L{CommandFailed} quoting its last line of errors."""
         code = getattr(reason.value, "exitCode", None)
         if code == 0:
             self.done.callback(self.out.decode("utf-8", "replace"))
@@ -174,6 +176,10 @@ class ProcessRunner:
         return path
 
     def run(self, argv: Sequence[str]) -> Deferred:
+        """
+        Run C{argv} to its end: a Deferred of its standard output (cut at
+        L{OUTPUT_LIMIT}), or of a L{CommandFailed}.
+        """
         done: Deferred = Deferred()
         try:
             path = self.find(argv[0])
@@ -236,6 +242,10 @@ class DhcpClient:
         return [self.program, *extra, "-pf", self.pid_file, "-lf", self.lease_file, self.device]
 
     def start(self) -> None:
+        """
+        Start C{dhclient} in the foreground, unless it runs; a failure to
+        start it is logged and shown in status, not raised.
+        """
         if self.process is not None:
             return
         try:
@@ -256,6 +266,10 @@ class DhcpClient:
                           line=line[:120])
 
     def ended(self, code: Optional[int]) -> None:
+        """
+        The client exited: a failure (logged once) unless L{stop} asked for it;
+        whoever waits in L{stop} is told.
+        """
         self.process = None
         if self.state not in ("stopped",):
             self.state = "failed"
@@ -376,6 +390,10 @@ class CardInterface:
         return dhcp.stop() if dhcp is not None else succeed(None)
 
     def status(self) -> dict:
+        """
+        For C{sevpn nic status}: the interface's settings, the DHCP client's
+        state, and the errors met setting them.
+        """
         info = self.config.describe()
         info["dhcp_client"] = self.dhcp.describe() if self.dhcp is not None else None
         info["errors"] = list(self.errors)

@@ -80,6 +80,8 @@ class NetlinkError(Exception):
 
 
 class Message(NamedTuple):
+    """One netlink message: its header's type, flags, sequence number and port id, and its body."""
+
     type: int
     flags: int
     seq: int
@@ -102,6 +104,12 @@ class Ack(NamedTuple):
 
 
 class Neighbour(NamedTuple):
+    """
+    A bridge FDB entry as an C{RTM_*NEIGH} message carries it: the interface,
+    state and flags, the MAC (C{NDA_LLADDR}) and the bridge's ifindex
+    (C{NDA_MASTER}), None when absent.
+    """
+
     family: int
     ifindex: int
     state: int

@@ -22,6 +22,8 @@ _CREDENTIAL_FLAGS = ("password-file", "cert-file", "key-file")
 
 
 class Options(CommonOptions):
+    """C{twistd sevpn-nic}'s options; each option's text is its help line (C{longdesc} the command's)."""
+
     synopsis = "[options]"
     longdesc = (
         "Run a sevpn virtual LAN card: a TAP device whose frames cross a virtual HUB. "
@@ -71,6 +73,12 @@ class Options(CommonOptions):
         self["address"].append(text)
 
     def postOptions(self) -> None:
+        """
+        Check the options before anything touches the TAP: the interface
+        settings, the MAC, and an account given on the command line, which
+        becomes an L{Account} named C{command-line} (its CA pinned, its
+        certificate or password read now) to connect with at start.
+        """
         super().postOptions()
         self._interface()
         if not self["state-dir"]:
@@ -137,6 +145,7 @@ class Options(CommonOptions):
 
 
 def makeService(config: Options) -> IService:
+    """The card's service (L{CardService}) from its options."""
     from sevpn.cardservice import CardService
 
     return CardService(

@@ -66,6 +66,10 @@ def ones_sum(data) -> int:
 
 
 def checksum(data) -> int:
+    """
+    The Internet checksum of C{data} (RFC 1071): the complement of
+    L{ones_sum}, as IP, TCP and UDP headers carry it.
+    """
     return ~ones_sum(data) & 0xFFFF
 
 

@@ -351,6 +351,11 @@ class PostgresUserStore(UserRules):
     # the copy ------------------------------------------------------------------
 
     def refresh(self) -> bool:
+        """
+        L{IUserStore.refresh}: if the generation moved (or there is no copy
+        yet), read every virtual hub, user and certificate in one transaction
+        and replace the copy; either way the copy counts as checked now.
+        """
         def read(conn):
             generation = conn.execute("SELECT n FROM sevpn_generation").fetchone()[0]
             if generation == self._generation and self._copy is not None:
@@ -534,6 +539,11 @@ class PostgresUserStore(UserRules):
                      (*_row(record), hub, user))
 
     def add_user(self, hub: str, user: str, password: Optional[bytes]) -> bool:
+        """
+        L{IUserStore.add_user} as one upsert: the password is hashed before the
+        transaction (it is the slow part), and a C{None} password keeps the
+        user's old one.
+        """
         check_name("user", user)
         hashed = hash_password(password) if password is not None else None  # the slow part, before the transaction
 
@@ -676,6 +686,10 @@ class NotifyReader:
         return "user-database"
 
     def doRead(self):
+        """
+        Take what arrived; report once however many notifications came.  A
+        libpq error means the connection is lost.
+        """
         pgconn = self.conn.pgconn
         try:
             pgconn.consume_input()
@@ -689,6 +703,7 @@ class NotifyReader:
         return None
 
     def connectionLost(self, reason) -> None:
+        """Close the duplicate descriptor and the connection, then tell the watcher (which checks again)."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
@@ -731,6 +746,7 @@ class UserDatabaseWatcher(Service):
         self._complaint: Optional[str] = None
 
     def startService(self) -> None:
+        """Poll every C{poll} seconds and start listening for notifications."""
         Service.startService(self)
         self._loop = LoopingCall(self.check)
         self._loop.clock = self.clock
@@ -738,6 +754,7 @@ class UserDatabaseWatcher(Service):
         self._listen()
 
     def stopService(self):
+        """Stop polling and close the listening connection (without the check its loss would start)."""
         Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()

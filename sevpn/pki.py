@@ -61,6 +61,11 @@ def _san(names: Iterable[str]) -> List[x509.GeneralName]:
 
 
 def server_names(hostnames: Iterable[str]) -> List[str]:
+    """
+    The names the hub's server certificate holds: the loopback names, so that
+    a card on the hub's own machine can verify it, then C{hostnames}
+    (C{--hostname}), each once.
+    """
     names = ["localhost", "127.0.0.1", "::1"]
     for h in hostnames:
         if h not in names:
@@ -288,6 +293,7 @@ def issue_client_certificate(state_dir: str, user: str) -> Tuple[x509.Certificat
 
 
 def certificate_pem(cert: x509.Certificate) -> bytes:
+    """C{cert} as PEM, the form the state dir's and the cards' certificate files hold."""
     return cert.public_bytes(serialization.Encoding.PEM)
 
 

@@ -88,6 +88,8 @@ def _printable(data: bytes, limit: int = 60) -> str:
 
 @dataclass(frozen=True)
 class Credentials:
+    """A user name and password for the proxy (from the proxy URL); the password never shows in a repr."""
+
     username: str
     password: str = field(repr=False)
 
@@ -242,6 +244,10 @@ class HttpConnectHandshake:
         self._state = "new"
 
     def start(self) -> bytes:
+        """
+        The CONNECT request for the hub's address, with Basic proxy
+        authorization when there are credentials; once.
+        """
         if self._state != "new":
             raise RuntimeError("the handshake has started already")
         self._state = "waiting"
@@ -383,6 +389,10 @@ class Socks5Handshake:
         return (b"\x01" if address.version == 4 else b"\x04") + address.packed
 
     def start(self) -> bytes:
+        """
+        The greeting: the authentication methods offered (none, and
+        user/password when there are credentials); once.
+        """
         if self._state != "new":
             raise RuntimeError("the handshake has started already")
         self._state = "method"
@@ -515,6 +525,10 @@ class _TunnelAttempt:
         self._wire: Optional[_HandshakeProtocol] = None
 
     def start(self, endpoint) -> Deferred:
+        """
+        Dial the proxy through C{endpoint} and start the deadline; L{result},
+        which fires with the caller's protocol or fails.
+        """
         self._deadline = self.clock.callLater(self.timeout, self.deadline_passed)
         factory = Factory.forProtocol(lambda: _HandshakeProtocol(self))
         factory.noisy = False

@@ -160,6 +160,12 @@ class DatagramSocket:
         self.reading = False
 
     def doRead(self) -> None:
+        """
+        Hand up to L{READ_BUDGET} datagrams to the receiver, then tell it the
+        read is done (so it delivers and acknowledges once per read).  Each
+        datagram is a view of one reused buffer: the receiver uses it before the
+        next.  An error for an earlier send (ICMP) is counted; reading goes on.
+        """
         receive, view, receiver = self.socket.recvfrom_into, self._view, self.receiver
         got = False
         for _ in range(READ_BUDGET):

@@ -62,6 +62,10 @@ FINGERPRINT_PATTERN = re.compile(r"[0-9A-F]{2}(:[0-9A-F]{2}){31}\Z")  # StateErr
 
 
 def check_name(kind: str, name: str) -> str:
+    """
+    C{name}, if it is a valid name of a C{kind} (virtual hub, user, account,
+    ...) as the wire and file names take it; else a L{StateError} naming the rule.
+    """
     if not wire.valid_name(name):
         raise StateError(
             f"{name!r} is not a valid {kind} name (letters, digits, '.', '_' and '-', up to 64 characters)"
@@ -70,6 +74,11 @@ def check_name(kind: str, name: str) -> str:
 
 
 def hash_password(password: bytes, salt: Optional[bytes] = None, n: int = SCRYPT_N) -> str:
+    """
+    The stored form of a password: C{scrypt$N$R$P$SALT$DIGEST} (base64), a
+    fresh random salt unless one is given; parameters travel in the string so
+    that L{verify_password} still checks hashes made with other ones.
+    """
     salt = salt if salt is not None else os.urandom(16)
     digest = hashlib.scrypt(password, salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
     b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
@@ -351,6 +360,10 @@ class UserRules:
     _certificate_index: Dict[str, tuple]
 
     def revoked(self, hub: str, user: str, certificate: Optional[str] = None) -> Optional[str]:
+        """
+        L{IUserStore.revoked}: the hub, the user or the certificate gone, the
+        user disabled, or the certificate revoked.
+        """
         if not self.exists(hub):
             return f"virtual hub {hub} was deleted by the operator"
         record = self.users(hub).get(user)
@@ -383,6 +396,10 @@ class UserRules:
         return sorted(record_certificates(users[user]).values(), key=lambda c: (c.added, c.fingerprint))
 
     def certificate_user(self, hub: str, fingerprint: str) -> Optional[str]:
+        """
+        L{IUserStore.certificate_user}, from an index of the live certificates
+        that is rebuilt only when the virtual hub's user records are new.
+        """
         if not self.exists(hub):
             return None
         users = self.users(hub)
@@ -413,6 +430,7 @@ def check_login(record: Optional[dict], password: bytes) -> Optional[str]:
 
 
 def no_such_user(hub: str, user: str, advice: str = "see 'sevpn hub user list'") -> StateError:
+    """The L{StateError} for a missing user, with C{advice} on what to do."""
     return StateError(f"there is no user {user} on virtual hub {hub} ({advice})")
 
 
@@ -490,6 +508,7 @@ class HubState(UserRules):
             self.create_hub(DEFAULT_HUB)
 
     def hubs(self) -> List[str]:
+        """L{IUserStore.hubs}: the directories under C{STATE/hubs/}, and DEFAULT (which needs none)."""
         try:
             names = os.listdir(self.dir.join("hubs"))
         except FileNotFoundError:
@@ -504,6 +523,7 @@ class HubState(UserRules):
         return hub == DEFAULT_HUB or (wire.valid_name(hub) and os.path.isdir(self._hub_dir(hub)))
 
     def create_hub(self, hub: str) -> None:
+        """L{IUserStore.create_hub}: its directory and an empty users file (an existing one is kept)."""
         check_name("virtual hub", hub)
         self.dir.create()
         ensure_dir(self._hub_dir(hub))
@@ -549,6 +569,7 @@ class HubState(UserRules):
         return dict(users[user])
 
     def add_user(self, hub: str, user: str, password: Optional[bytes]) -> bool:
+        """L{IUserStore.add_user}: the DEFAULT virtual hub's directory is made on its first user."""
         check_name("user", user)
         if hub == DEFAULT_HUB:
             self.ensure_default()
@@ -587,6 +608,7 @@ class HubState(UserRules):
         return policy
 
     def delete_user(self, hub: str, user: str) -> None:
+        """L{IUserStore.delete_user}; a L{StateError} if there is no such user."""
         self._record(hub, user)
         users = dict(self.users(hub))
         del users[user]

@@ -357,6 +357,11 @@ class View(Resource):
         raise NotImplementedError
 
     def render_GET(self, request):
+        """
+        Answer later: the view is made in a worker thread (L{Views.make}) so that
+        rendering never holds up the reactor; a client that left meanwhile is
+        sent nothing, and a failure is logged and answered with a 500.
+        """
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
         wanted = {name: (request.getHeader(name) or b"").decode("latin-1") for name in (b"accept", b"accept-encoding")}
@@ -408,6 +413,10 @@ class MetricsPage(View):
     """
 
     def render_bytes(self, reading, rates, wanted):
+        """
+        The metrics in the format of the scraper's C{accept} header, gzipped
+        if its C{accept-encoding} takes gzip.
+        """
         encoder, content_type = choose_encoder(wanted[b"accept"])
         output = encoder(metrics.registry_for(lambda: reading))
         if gzip_accepted(wanted[b"accept-encoding"]):

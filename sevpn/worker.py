@@ -149,6 +149,11 @@ def parse_arguments(argv: Sequence[str]) -> Tuple[int, List[int], List[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """
+    Run worker K: parse the hub's options as the main process did, start the
+    hub service with the worker's role, say C{ready} (or C{fatal} and why)
+    on the log stream, and run until the lifeline ends; the exit status.
+    """
     index, sockets, hub_argv = parse_arguments(sys.argv[1:] if argv is None else argv)
     from twisted.internet import default
 

@@ -123,6 +123,10 @@ class WorkersError(Exception):
 
 
 def worker_environment(environ=os.environ) -> Dict[str, str]:
+    """
+    The environment a worker starts with: the main process's, without
+    systemd's variables (L{PRIVATE_ENVIRONMENT}).
+    """
     return {k: v for k, v in environ.items() if k not in PRIVATE_ENVIRONMENT}
 
 
@@ -212,6 +216,11 @@ class LogStream:
             self.feed(data)
 
     def feed(self, data: bytes) -> None:
+        """
+        Take bytes from the stream and handle each whole line; an unfinished
+        line that grows past L{MAX_LOG_LINE} is dropped (counted) up to its
+        end, so that a worker cannot make the main process hold unbounded memory.
+        """
         if self.skipping:  # the rest of a line that was too long
             end = data.find(b"\n")
             if end < 0:
@@ -377,6 +386,11 @@ class WorkerRole(_Role):
         self.sockets = list(sockets)
 
     def listen(self, reactor, descriptions: Sequence[str], factory) -> list:
+        """
+        Listen on the sockets inherited from the main process (socket I{k} of
+        each listening group), not on C{descriptions}: the main process made
+        them, so that each card's address reaches the same worker.
+        """
         import socket
 
         ports = []
@@ -444,6 +458,11 @@ class MainRole(_Role):
         return [reactor.adoptStreamPort(group[0].fileno(), group[0].family, factory) for group in self.groups]
 
     def control(self, reactor, state_dir: str, commands: Dict[str, Callable]):
+        """
+        The node's control socket, answered for every worker (L{FanOut}): a
+        command is run here and asked of the workers, and the answers merged;
+        L{MAIN_ONLY} commands are run here alone.
+        """
         self.reactor = reactor
         self.state_dir = state_dir
         self.fanout = FanOut(reactor, state_dir, self.count, self.describe_workers)
@@ -576,6 +595,11 @@ class WorkerProcess(ProcessProtocol):
         self._kill_call = None
 
     def spawn(self) -> None:
+        """
+        Start the worker process: its lifeline on standard input, its log stream
+        on L{LOG_FD}, socket C{index} of each listening group from
+        L{FIRST_SOCKET_FD} on, and the hub's own options to parse alike.
+        """
         role = self.role
         reactor = role.reactor
         lifeline_read, self.lifeline = os.pipe()
@@ -626,6 +650,10 @@ class WorkerProcess(ProcessProtocol):
             self.lifeline = None
 
     def stop(self) -> Deferred:
+        """
+        Stop the worker (no restart): ask it over its lifeline, kill it after
+        L{STOP_TIMEOUT} seconds; fires when it has ended.
+        """
         if self.restart_call is not None and self.restart_call.active():
             self.restart_call.cancel()
         self.restart_call = None
@@ -645,6 +673,11 @@ class WorkerProcess(ProcessProtocol):
             pass
 
     def processEnded(self, reason) -> None:
+        """
+        The worker ended: read its last log lines, and unless the hub is
+        stopping restart it after the next of L{RESTART_DELAYS} (back to the
+        first once a worker has lived L{STABLE} seconds).
+        """
         status = reason.value
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()

@@ -32,6 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The C{sevpn} argument parser: one sub-command group per module of L{GROUPS}."""
     parser = Parser(prog="sevpn", description="Manage sevpn virtual HUBs and virtual LAN cards.")
     parser.add_argument("--version", action="version", version=f"sevpn {__version__}")
     roles = parser.add_subparsers(
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """
+    Run one C{sevpn} command; the exit status.  Expected failures are printed
+    as one sentence with status 1, never a traceback.
+    """
     args = build_parser().parse_args(argv)
     resolve_state_dir(args)
     try:

@@ -14,6 +14,11 @@ from sevpn.users import DEFAULT_HUB
 
 
 def account_add(args) -> None:
+    """
+    C{sevpn account add NAME}: save a connection entry.  Addresses, the
+    client certificate and its key are checked now, not at the first dial,
+    and the CA file's certificate is pinned by its fingerprint.
+    """
     for address in args.hub:
         parse_hub_address(address)  # a typo in an address is said before anything else
     ca_file = os.path.abspath(args.ca_file)
@@ -56,6 +61,10 @@ def account_add(args) -> None:
 
 
 def account_list(args) -> None:
+    """
+    C{sevpn account list}: the entries without their secrets; a damaged entry
+    is named and makes the exit status 1.
+    """
     StateDir(args.state_dir).require().check()
     store = AccountStore(args.state_dir)
     rows, damaged = [], []
@@ -72,6 +81,7 @@ def account_list(args) -> None:
 
 
 def account_delete(args) -> None:
+    """C{sevpn account delete NAME}: remove a connection entry."""
     StateDir(args.state_dir).require().check()
     AccountStore(args.state_dir).delete(args.name)
     print(f"account {args.name} deleted")
@@ -109,10 +119,12 @@ def register(roles) -> None:
 
 
 def interface_fields(args) -> dict:
+    """The L{Account} fields of the C{--address}, C{--mtu} and C{--dhcp} options."""
     return {"address": args.address or [], "mtu": args.mtu, "dhcp": args.dhcp}
 
 
 def add_interface_options(p) -> None:
+    """Add C{--address}, C{--mtu} and C{--dhcp}: the card's interface while connected with the account."""
     p.add_argument("--address", action="append", metavar="ADDRESS/PREFIX",
                    help="an address for the card's TAP while connected with this account (repeatable)")
     p.add_argument("--mtu", type=int, help="the TAP's MTU while connected with this account")

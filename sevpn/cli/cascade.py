@@ -45,6 +45,11 @@ def _check_ca_file(path: str) -> str:
 
 
 def cascade_add(args) -> None:
+    """
+    C{sevpn hub cascade add NAME}: save (or update) a cascade and tell a
+    running hub.  An update keeps the cascade's MAC, so that the remote hub
+    replaces the held session at once.
+    """
     if not user_store(args, "any").exists(args.hub_name):
         raise CommandError(
             f"there is no virtual hub named {args.hub_name} (create it with 'sevpn hub create {args.hub_name}')"
@@ -75,6 +80,7 @@ def cascade_add(args) -> None:
 
 
 def cascade_list(args) -> None:
+    """C{sevpn hub cascade list}: the configured cascades with the running hub's state of each, and unusable files."""
     configs, errors = CascadeStore(args.state_dir).load()
     live = {}
     try:
@@ -97,6 +103,7 @@ def cascade_list(args) -> None:
 
 
 def cascade_delete(args) -> None:
+    """C{sevpn hub cascade delete NAME}: remove a cascade; a running hub says goodbye on it at once."""
     CascadeStore(args.state_dir).delete(args.name)
     answer = _poke(args.state_dir)
     if args.json:
@@ -116,6 +123,7 @@ def cascade_allow(args) -> None:
 
 
 def cascade_deny(args) -> None:
+    """Take back a user's right to log in as another hub's cascade (a connected cascade keeps its session)."""
     user_store(args, "any").set_cascade_user(args.hub, args.user, False)
     if args.json:
         print_json({"hub": args.hub, "user": args.user, "cascade": False})

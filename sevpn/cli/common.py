@@ -82,6 +82,7 @@ def resolve_state_dir(args: argparse.Namespace) -> None:
 
 
 def print_json(obj) -> None:
+    """Print C{obj} as indented JSON with sorted keys: the C{--json} output, stable for scripts."""
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
@@ -131,6 +132,10 @@ def fields(info: dict, order: List[str], width: int = 22) -> None:
 
 
 def password(path: Optional[str]) -> str:
+    """
+    The password: the first line of the file C{path}; without one, asked
+    for without echo on a terminal, else the first line of standard input.
+    """
     if path is None:
         if sys.stdin.isatty():
             import getpass

@@ -63,6 +63,11 @@ def _runner():
 
 
 def fabric_up_command(args) -> None:
+    """
+    C{sevpn fabric up}: make each segment's bridge and VXLAN device (what is
+    there already is left), warning about an underlay that cannot carry the
+    segments (L{check_underlay}).
+    """
     node, run = _node(args), _runner()
     try:
         addresses = run(["ip", "-j", "addr", "show"])
@@ -74,6 +79,7 @@ def fabric_up_command(args) -> None:
 
 
 def fabric_down_command(args) -> None:
+    """C{sevpn fabric down}: remove each segment's VXLAN device, and its bridge once no port is left."""
     node, run = _node(args), _runner()
     try:
         done = [(seg, fabric_down(node, seg.vni, run)) for seg in node.segments]
@@ -105,6 +111,11 @@ def _report(args, node: FabricNode, done, warnings: List[str], what: str) -> Non
 
 
 def frr_config_command(args) -> None:
+    """
+    C{sevpn fabric frr-config}: print the node's C{frr.conf}: a full mesh of
+    C{--peer}s, or with C{--reflector} a route reflector whose C{--peer}s are
+    its clients and whose C{--reflector-peer}s are plain neighbours.
+    """
     peers = list(args.peer) + [r for r in args.reflector_peer if r not in args.peer]
     if not peers:
         raise CommandError("name the node's BGP neighbours with --peer ADDRESS (every other node, or the "
@@ -126,6 +137,11 @@ def frr_config_command(args) -> None:
 
 
 def hub_fabric_command(args) -> None:
+    """
+    C{sevpn hub fabric}: the running hub's segments (over the control
+    socket) with what the kernel and FRR say about them: VNIs, BGP sessions,
+    remote VTEPs and their MACs.
+    """
     info = control.call(args.state_dir, "fabric")
     if not info["segments"]:
         raise CommandError("the hub runs without --fabric: none of its virtual hubs is in a fabric")

@@ -62,6 +62,7 @@ def _report(args, done: str, ended: list, **info) -> None:
 
 
 def hub_create(args) -> None:
+    """C{sevpn hub create NAME}: add a virtual hub (DEFAULT always exists: creating it again is no error)."""
     state = _state(args, write=True)
     if state.exists(args.name) and args.name != DEFAULT_HUB:
         raise CommandError(f"virtual hub {args.name} already exists")
@@ -70,18 +71,25 @@ def hub_create(args) -> None:
 
 
 def hub_delete(args) -> None:
+    """C{sevpn hub delete NAME}: delete a virtual hub and its users; a running hub ends its sessions."""
     _state(args).delete_hub(args.name)
     done = f"virtual hub {args.name} deleted"
     _report(args, done, tell_hub(args, done), hub=args.name, deleted=True)
 
 
 def hub_list(args) -> None:
+    """C{sevpn hub list}: the virtual hubs and how many users each has."""
     state = _state(args)
     rows = [{"hub": h, "users": len(state.users(h))} for h in state.hubs()]
     print_json(rows) if args.json else table(rows, ["hub", "users"])
 
 
 def user_add(args) -> None:
+    """
+    C{sevpn hub user add USER}: add a user or change a password; with
+    C{--cert} or C{--cert-file} give the user a client certificate instead
+    (L{_add_with_certificate}).
+    """
     state = _state(args, write=True)
     if not state.exists(args.hub):
         raise CommandError(f"there is no virtual hub named {args.hub} (create it with 'sevpn hub create {args.hub}')")
@@ -160,6 +168,7 @@ def _cert_state(cert: CertificateRecord, now: str) -> str:
 
 
 def cert_list(args) -> None:
+    """C{sevpn hub user cert list}: the users' certificates and whether each is valid, expired or revoked."""
     state = _state(args)
     hubs = [args.hub] if args.hub else state.hubs()
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -180,6 +189,11 @@ def cert_list(args) -> None:
 
 
 def cert_revoke(args) -> None:
+    """
+    C{sevpn hub user cert revoke USER [FINGERPRINT]}: revoke one certificate
+    or all of the user's; a running hub ends the sessions that logged in with
+    them.
+    """
     fingerprint = parse_fingerprint(args.fingerprint) if args.fingerprint else None
     revoked = _state(args).revoke_certificates(args.hub, args.user, fingerprint)
     if not revoked:
@@ -194,6 +208,10 @@ POLICY_COLUMNS = ["max_sessions", "max_macs", "rate_in", "rate_out", "broadcast_
 
 
 def user_list(args) -> None:
+    """
+    C{sevpn hub user list}: the users, how they log in, and their limits
+    (unset limits: C{0} in JSON, C{-} in the table, both meaning the hub's default).
+    """
     state = _state(args)
     hubs = [args.hub] if args.hub else state.hubs()
     rows = []
@@ -221,18 +239,21 @@ def user_list(args) -> None:
 
 
 def user_delete(args) -> None:
+    """C{sevpn hub user delete USER}: delete a user; a running hub ends their sessions."""
     _state(args).delete_user(args.hub, args.user)
     done = f"user {args.user} deleted from virtual hub {args.hub}"
     _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, deleted=True)
 
 
 def user_enable(args, disabled: bool) -> None:
+    """C{sevpn hub user disable|enable USER}: refuse a user's logins (and end their sessions), or allow them again."""
     _state(args).set_user(args.hub, args.user, disabled=disabled)
     done = f"user {args.user} {'disabled' if disabled else 'enabled'} on virtual hub {args.hub}"
     _report(args, done, tell_hub(args, done), hub=args.hub, user=args.user, disabled=disabled)
 
 
 def user_set(args) -> None:
+    """C{sevpn hub user set USER}: change a user's password or limits; a running hub applies them now."""
     changes = {k: getattr(args, k) for k in POLICY_COLUMNS if getattr(args, k) is not None}
     new_password = password(args.password_file).encode("utf-8") if args.password_file else None
     if not changes and new_password is None:
@@ -250,6 +271,10 @@ def _control(args, name: str, **kw):
 
 
 def hub_sessions(args) -> None:
+    """
+    C{sevpn hub sessions}: the running hub's sessions and cascades, with their
+    counters (and worker, with C{--workers}).
+    """
     rows = _control(args, "sessions")
     if args.json:
         print_json(rows)
@@ -265,6 +290,10 @@ def hub_sessions(args) -> None:
 
 
 def hub_macs(args) -> None:
+    """
+    C{sevpn hub macs}: the running hub's MAC table per virtual hub, its switch
+    counters, and MACs claimed by more than one port.
+    """
     macs = _control(args, "macs")
     if args.json:
         print_json(macs)
@@ -282,6 +311,7 @@ def hub_macs(args) -> None:
 
 
 def hub_status(args) -> None:
+    """C{sevpn hub status}: the running hub's status (and one row per worker, with C{--workers})."""
     info = _control(args, "status")
     if args.json:
         print_json(info)
@@ -296,6 +326,10 @@ def hub_status(args) -> None:
 
 
 def hub_ca(args) -> None:
+    """
+    C{sevpn hub ca}: the CA certificate cards trust, with the fingerprint to
+    compare against what C{sevpn account add} prints.
+    """
     StateDir(args.state_dir).require()
     info = ca_info(args.state_dir)
     if args.json:
@@ -309,6 +343,7 @@ def hub_ca(args) -> None:
 
 
 def session_kick(args) -> None:
+    """C{sevpn hub session kick ID}: end one session of the running hub now, telling its card why."""
     ended = _control(args, "kick", session=args.id, reason=args.reason or "")
     if args.json:
         print_json(ended)

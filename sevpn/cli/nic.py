@@ -26,11 +26,16 @@ def _call(args, name: str, **kw):
 
 
 def nic_status(args) -> None:
+    """C{sevpn nic status}: the running card's state, session and counters."""
     info = _call(args, "status")
     print_json(info) if args.json else fields(info, STATUS_ORDER)
 
 
 def nic_connect(args) -> None:
+    """
+    C{sevpn nic connect NAME}: have the running card dial a saved account;
+    with C{--wait}, exit 0 only once it is connected, else 1 with the reason.
+    """
     if args.timeout is not None and not args.wait:
         raise CommandError("--timeout goes with --wait")
     if not args.wait:
@@ -67,6 +72,7 @@ def _timeout(text: str) -> float:
 
 
 def nic_disconnect(args) -> None:
+    """C{sevpn nic disconnect}: unplug the running card's cable (it does not retry)."""
     info = _call(args, "disconnect")
     print_json(info) if args.json else print("disconnected: cable unplugged")
 
@@ -137,6 +143,10 @@ def print_card(info: dict) -> None:
 
 
 def nic_show(args) -> None:
+    """
+    C{sevpn nic show}: every card on this machine (each state dir under
+    C{--root}), running or not, as C{wg show} does.
+    """
     if args.state_dir is not None:
         dirs = [StateDir(args.state_dir).require().path]
     else:

@@ -21,6 +21,10 @@ def _name(name: str) -> str:
 
 
 def nic_create(args) -> None:
+    """
+    C{sevpn nic create [NAME]}: make a persistent TAP device with the card's
+    MAC (from its state dir, made if missing) or C{--mac}.
+    """
     from sevpn.tapdevice import TapError, create_persistent_tap
 
     name = _name(args.name)
@@ -40,6 +44,7 @@ def nic_create(args) -> None:
 
 
 def nic_delete(args) -> None:
+    """C{sevpn nic delete [NAME]}: remove a persistent TAP device."""
     from sevpn.tapdevice import TapError, delete_persistent_tap
 
     name = _name(args.name)
