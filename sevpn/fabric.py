@@ -36,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -543,10 +544,8 @@ class EvpnMacs:
     remote: Dict[str, str]
 
     def per_vtep(self) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
-        for vtep in self.remote.values():
-            counts[vtep] = counts.get(vtep, 0) + 1
-        return counts
+        """Remote MACs per VTEP."""
+        return dict(Counter(self.remote.values()))
 
 
 def parse_evpn_macs(text: str) -> Dict[int, EvpnMacs]:
@@ -628,10 +627,8 @@ class VxlanFdb:
     remote: Dict[str, str]
 
     def per_vtep(self) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
-        for vtep in self.remote.values():
-            counts[vtep] = counts.get(vtep, 0) + 1
-        return counts
+        """Remote MACs per VTEP."""
+        return dict(Counter(self.remote.values()))
 
 
 def parse_fdb(text: str) -> Dict[str, VxlanFdb]:

@@ -82,18 +82,25 @@ def command_runner(netns: Optional[str] = None, timeout: float = 30) -> Runner:
     prefix = ["ip", "netns", "exec", netns] if netns else []
 
     def run(argv: Sequence[str]) -> str:
-        try:
-            result = subprocess.run(prefix + list(argv), capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            raise FabricError(f"{argv[0]} is not installed (iproute2 provides ip and bridge)")
-        except subprocess.TimeoutExpired:
-            raise FabricError(f"'{' '.join(argv)}' did not finish within {timeout:g} s")
-        if result.returncode != 0:
-            why = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}")
-            raise FabricError(f"'{' '.join(argv)}' failed: {why.splitlines()[-1][:300]}")
-        return result.stdout
+        shown = f"'{' '.join(argv)}'"
+        return _output(prefix + list(argv), timeout, FabricError, shown, "did not finish",
+                       f"{argv[0]} is not installed (iproute2 provides ip and bridge)")
 
     return run
+
+
+def _output(argv: List[str], timeout: float, error: type, shown: str, late: str, missing: str) -> str:
+    """The output of C{argv}, or C{error} with a sentence: C{missing}, C{shown} C{late}, or its last error line."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise error(missing)
+    except subprocess.TimeoutExpired:
+        raise error(f"{shown} {late} within {timeout:g} s")
+    if result.returncode != 0:
+        why = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}")
+        raise error(f"{shown} failed: {why.splitlines()[-1][:300]}")
+    return result.stdout
 
 
 def vtysh_runner(pathspace: Optional[str] = None, config_dir: Optional[str] = None,
@@ -106,16 +113,8 @@ def vtysh_runner(pathspace: Optional[str] = None, config_dir: Optional[str] = No
         argv += ["--config_dir", config_dir]
 
     def vtysh(command: str) -> str:
-        try:
-            result = subprocess.run(argv + ["-c", command], capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            raise FrrError(f"{VTYSH} is missing (apt-get install frr)")
-        except subprocess.TimeoutExpired:
-            raise FrrError(f"vtysh -c '{command}' did not answer within {timeout:g} s")
-        if result.returncode != 0:
-            why = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}")
-            raise FrrError(f"vtysh -c '{command}' failed: {why.splitlines()[-1][:300]}")
-        return result.stdout
+        return _output(argv + ["-c", command], timeout, FrrError, f"vtysh -c '{command}'", "did not answer",
+                       f"{VTYSH} is missing (apt-get install frr)")
 
     return vtysh
 
