@@ -59,13 +59,12 @@ import socket
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from sevpn import offload as vnet
 from sevpn import wire
 from sevpn.fabric import FabricError, check_ifname
+from sevpn.fdport import DescriptorPort
 from sevpn.port import Port
 
 #: Source MACs a bridge port may own: a LAN of a few thousand hosts (the
@@ -266,8 +265,7 @@ def open_packet_socket(interface: str, offload: bool) -> socket.socket:
     return sock
 
 
-@implementer(IReadDescriptor)
-class RawBridgePort(Port):
+class RawBridgePort(DescriptorPort):
     """
     A virtual hub's port on a real network interface (see the module
     docstring).  C{offload} opens it with virtio-net headers (super-frames
@@ -304,19 +302,6 @@ class RawBridgePort(Port):
         self._min_frame = self.mac_offset + wire.MIN_FRAME
 
     # reading -----------------------------------------------------------------
-
-    def start_reading(self) -> None:
-        if not self.reading and not self.closed:
-            self.reading = True
-            self.reactor.addReader(self)
-
-    def stop_reading(self) -> None:
-        if self.reading:
-            self.reading = False
-            self.reactor.removeReader(self)
-
-    def fileno(self) -> int:
-        return self.fd
 
     def doRead(self) -> None:
         """
@@ -399,9 +384,6 @@ class RawBridgePort(Port):
         self._complained[key] = count + 1
         if not count:
             self.log.warn("{sentence}", sentence=sentence)
-
-    def connectionLost(self, reason) -> None:
-        self.reading = False
 
     def logPrefix(self) -> str:
         return f"bridge {self.interface}"

@@ -30,13 +30,11 @@ import socket
 import struct
 from typing import List, Optional
 
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from sevpn import busypoll, wire
 from sevpn import offload as vnet
-from sevpn.port import Port
+from sevpn.fdport import DescriptorPort
 
 TUNSETCARRIER = 0x400454E2
 TUNSETOFFLOAD = 0x400454D0
@@ -54,8 +52,7 @@ class TapError(Exception):
     """The TAP device cannot be made; the message says why."""
 
 
-@implementer(IReadDescriptor)
-class TapPort(Port):
+class TapPort(DescriptorPort):
     """
     A TAP device as a port.  With C{backpressure} a full destination stops
     its reading (the kernel queues, then drops); without it, the card's
@@ -120,22 +117,6 @@ class TapPort(Port):
 
     # reading ---------------------------------------------------------------
 
-    def start_reading(self) -> None:
-        """Read the TAP in the reactor."""
-        if not self.reading and self.fd >= 0:
-            self.reading = True
-            self.reactor.addReader(self)
-
-    def stop_reading(self) -> None:
-        """Stop reading the TAP."""
-        if self.reading:
-            self.reading = False
-            self.reactor.removeReader(self)
-
-    def fileno(self) -> int:
-        """IReadDescriptor: the TAP's file descriptor."""
-        return self.fd
-
     def doRead(self) -> None:
         """Read what the OS sent, until EAGAIN or the budget, in batches to the sink."""
         read, fd = os.read, self.fd
@@ -176,10 +157,6 @@ class TapPort(Port):
         """Read again, if this port takes backpressure."""
         if self.backpressure:
             self.start_reading()
-
-    def connectionLost(self, reason) -> None:
-        """IReadDescriptor: the reactor let go of the descriptor."""
-        self.reading = False
 
     def logPrefix(self) -> str:
         """What the reactor's log lines about this reader say."""
