@@ -100,13 +100,15 @@ class Topology:
 
     #: The first letters of every namespace and device name.
     prefix = "sv"
+    #: The first letters of the temporary directory's name.
+    dir_prefix = "sevpn-system-"
 
     def __init__(self, hosts: int) -> None:
         reason = skip_reason()
         if reason:
             raise SkipTest(reason)
         self.tag = f"{self.prefix}{os.getpid() % 100000}{int(time.time() * 1000) % 1000}"
-        self.dir = tempfile.mkdtemp(prefix="sevpn-system-")
+        self.dir = tempfile.mkdtemp(prefix=self.dir_prefix)
         self.hub_ns = f"{self.tag}-hub"
         self.hosts: List[str] = []
         self.processes: List[subprocess.Popen] = []
