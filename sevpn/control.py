@@ -10,6 +10,7 @@ SENTENCE}}.  The C{sevpn} command is its client (L{call}).
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import socket
@@ -73,6 +74,7 @@ class ControlProtocol(LineOnlyReceiver):
             args = request.get("args") or {}
             if not isinstance(args, dict):
                 raise ValueError
+            inspect.signature(command).bind(**args)  # arguments it does not take: malformed, not a failure
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             self._answer({"ok": False, "error": "unknown or malformed control request"})
             return

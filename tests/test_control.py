@@ -100,3 +100,24 @@ class StaleSockets(TestCase):
         with self.assertRaises(control.NotRunning) as caught:
             control.call(self.dir, "status")
         self.assertIn("nothing is running with the state dir", str(caught.exception))
+
+
+class Requests(TestCase):
+    """A request the command cannot take is answered as malformed, not logged as a failure."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="op-control-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        port = control.listen(reactor, self.dir, {"kick": lambda session: {"kicked": session}})
+        self.addCleanup(port.stopListening)
+
+    async def test_the_arguments_it_takes(self):
+        answer = await deferToThread(control.call, self.dir, "kick", session="s1")
+        self.assertEqual(answer, {"kicked": "s1"})
+
+    async def test_arguments_it_does_not_take(self):
+        for args in ({"nobody": "s1"}, {}, {"session": "s1", "more": 1}):
+            with self.assertRaises(control.ControlError) as caught:
+                await deferToThread(control.call, self.dir, "kick", **args)
+            self.assertEqual(str(caught.exception), "unknown or malformed control request")
+        self.assertEqual(self.flushLoggedErrors(), [])
