@@ -523,6 +523,11 @@ class Vni:
     remote_vteps: Tuple[str, ...]
 
 
+def _count(value) -> int:
+    """A count as FRR's JSON gives it; what is not a whole number counts as 0 (FRR's output is not ours)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def parse_evpn_vnis(text: str) -> Dict[int, Vni]:
     """C{show evpn vni json}: zebra's VNIs by number; entries that are not VNIs are skipped."""
     data = _json(text, "'show evpn vni json'")
@@ -531,7 +536,7 @@ def parse_evpn_vnis(text: str) -> Dict[int, Vni]:
         if not isinstance(v, dict) or not str(key).isdigit():
             continue
         remote = v.get("remoteVteps")
-        result[int(key)] = Vni(int(key), str(v.get("vxlanIf", "")), int(v.get("numMacs") or 0),
+        result[int(key)] = Vni(int(key), str(v.get("vxlanIf", "")), _count(v.get("numMacs")),
                                tuple(remote) if isinstance(remote, list) else ())
     return result
 
@@ -593,7 +598,7 @@ def parse_bgp_summary(text: str) -> Dict[str, BgpPeer]:
     for address, p in (peers or {}).items():
         if isinstance(p, dict):
             result[address] = BgpPeer(address, str(p.get("hostname", "")), str(p.get("state", "unknown")),
-                                      str(p.get("peerUptime", "")), int(p.get("pfxRcd") or 0))
+                                      str(p.get("peerUptime", "")), _count(p.get("pfxRcd")))
     return result
 
 

@@ -379,6 +379,12 @@ class StatusTests(TestCase):
         self.assertIn("VNI 100 (virtual hub DEFAULT): bridge br-100", text)
         self.assertNotIn("problems", text)
 
+    def test_counts_that_are_not_whole_numbers_count_as_none(self):
+        vnis = parse_evpn_vnis('{"100": {"vxlanIf": "vx-100", "numMacs": "lots"}, "200": {"numMacs": -3}}')
+        self.assertEqual((vnis[100].macs, vnis[200].macs), (0, 0))
+        peers = parse_bgp_summary('{"peers": {"10.0.0.2": {"state": "Established", "pfxRcd": 1.5}}}')
+        self.assertEqual(peers["10.0.0.2"].prefixes_received, 0)
+
     def test_a_lost_session_and_a_missing_vni_are_problems(self):
         view = describe(self.node, "{}", "{}", BGP_SUMMARY_DOWN, "[]")
         self.assertIn("BGP session with 10.77.0.2 is Active", view["problems"])

@@ -351,7 +351,7 @@ def session_kick(args) -> None:
         print(f"ended session {ended['id']} of {ended['user']} on virtual hub {ended['hub']}: {ended['reason']}")
 
 
-def _count(option: str, most: int):
+def _count(most: int):
     def convert(text: str) -> int:
         if not text.isdigit() or int(text) > most:
             raise argparse.ArgumentTypeError(f"give a whole number from 0 (the default) to {most}, not {text!r}")
@@ -360,14 +360,12 @@ def _count(option: str, most: int):
     return convert
 
 
-def _rate(option: str):
-    def convert(text: str) -> int:
-        try:
-            return parse_rate(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e))
-
-    return convert
+def _rate(text: str) -> int:
+    """A rate option's value (bits a second with a unit, or 0 for none)."""
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def _user_args(p, hub: Optional[str] = DEFAULT_HUB) -> None:
@@ -434,15 +432,15 @@ def register(roles) -> None:
     p = command(users, "set", user_set, "change a user's password or limits (0: the hub's default, for rates no limit)", state, json_flag=True)
     _user_args(p)
     p.add_argument("--password-file", help="file whose first line is the new password ('-' for standard input)")
-    p.add_argument("--max-sessions", type=_count("--max-sessions", UserPolicy.MAXIMA["max_sessions"]), metavar="N",
+    p.add_argument("--max-sessions", type=_count(UserPolicy.MAXIMA["max_sessions"]), metavar="N",
                    help="sessions of this user at once")
-    p.add_argument("--max-macs", type=_count("--max-macs", UserPolicy.MAXIMA["max_macs"]), metavar="N",
+    p.add_argument("--max-macs", type=_count(UserPolicy.MAXIMA["max_macs"]), metavar="N",
                    help="source MACs per session")
-    p.add_argument("--rate-in", type=_rate("--rate-in"), metavar="RATE",
+    p.add_argument("--rate-in", type=_rate, metavar="RATE",
                    help="bits/s a session may send into the hub, e.g. 10M or 500k")
-    p.add_argument("--rate-out", type=_rate("--rate-out"), metavar="RATE",
+    p.add_argument("--rate-out", type=_rate, metavar="RATE",
                    help="bits/s the hub sends to a session, e.g. 10M or 500k")
-    p.add_argument("--broadcast-pps", type=_count("--broadcast-pps", UserPolicy.MAXIMA["broadcast_pps"]),
+    p.add_argument("--broadcast-pps", type=_count(UserPolicy.MAXIMA["broadcast_pps"]),
                    metavar="N", help="broadcast and multicast frames per second a session may send")
     cascade.register(hub)
     register_fabric(hub)

@@ -67,7 +67,7 @@ def _timeout(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"give a number of seconds from 0 to 3600, not {text!r}")
+        raise argparse.ArgumentTypeError(f"give a number of seconds above 0 and up to 3600, not {text!r}")
     return value
 
 
