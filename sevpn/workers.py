@@ -616,6 +616,11 @@ class WorkerProcess(ProcessProtocol):
         self._ended = Deferred()
         try:
             self.process = reactor.spawnProcess(self, role.python, argv, env=worker_environment(), childFDs=fds)
+        except BaseException:
+            os.close(self.lifeline)
+            os.close(log_read)
+            self.lifeline = None
+            raise
         finally:
             os.close(lifeline_read)
             os.close(log_write)
@@ -696,15 +701,12 @@ class WorkerProcess(ProcessProtocol):
         if self.role.stopping:
             self.log.info("worker {w} (pid {pid}) stopped", w=self.index, pid=self.pid)
         else:
-            lived = time.monotonic() - self.started
-            if lived >= STABLE:
+            if time.monotonic() - self.started >= STABLE:
                 self.delay_index = 0
-            delay = RESTART_DELAYS[min(self.delay_index, len(RESTART_DELAYS) - 1)]
-            self.delay_index += 1
+            delay = self._restart_later()
             self.log.warn(
                 "worker {w} (pid {pid}) {how}: the sessions it held are gone and its cards log in again; "
                 "restarting it in {delay:g} s", w=self.index, pid=self.pid, how=how, delay=delay)
-            self.restart_call = self.role.reactor.callLater(delay, self._restart)
         if ended is not None:
             ended.callback(None)
 
@@ -716,9 +718,18 @@ class WorkerProcess(ProcessProtocol):
         try:
             self.spawn()
         except OSError as e:
-            self.log.error("cannot restart worker {w}: {why}", w=self.index, why=e.strerror or str(e))
+            delay = self._restart_later()
+            self.log.error("cannot restart worker {w}: {why}; trying again in {delay:g} s", w=self.index,
+                           why=e.strerror or str(e), delay=delay)
             return
         self.watch()
+
+    def _restart_later(self) -> float:
+        """Restart the worker after the next of L{RESTART_DELAYS}; returns that delay."""
+        delay = RESTART_DELAYS[min(self.delay_index, len(RESTART_DELAYS) - 1)]
+        self.delay_index += 1
+        self.restart_call = self.role.reactor.callLater(delay, self._restart)
+        return delay
 
     def describe(self) -> dict:
         if self.process is not None:

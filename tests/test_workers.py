@@ -8,6 +8,7 @@ thing runs for real in tests.test_system_workers.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -207,6 +208,24 @@ class WorkerLifeTests(SynchronousTestCase):
             self.assertEqual(len(self.role.reactor.spawned), n + 1)
             self.assertEqual(self.worker.restarts, n)
         self.assertIn(self.worker.stream, self.role.reactor.readers)
+
+    def test_a_worker_that_cannot_be_started_again_is_tried_again(self):
+        self.worker.spawn()
+        self.worker.watch()
+        real = self.role.reactor.spawnProcess
+        self.role.reactor.spawnProcess = lambda *a, **kw: (_ for _ in ()).throw(OSError(errno.EAGAIN, "no processes"))
+        fds = len(os.listdir("/proc/self/fd"))
+        with capturedLogs() as events:
+            self.end(signal=9)
+            self.role.reactor.advance(RESTART_DELAYS[0])
+        self.assertIn("cannot restart worker 1: no processes; trying again in 2 s", [formatEvent(e) for e in events])
+        # the old lifeline and log stream closed; of the failed attempt no pipe left open
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds - 2)
+        self.assertEqual(self.worker.describe()["state"], "restarting")
+        self.role.reactor.spawnProcess = real
+        self.role.reactor.advance(RESTART_DELAYS[1])
+        self.assertEqual(self.worker.describe()["state"], "starting")
+        self.assertEqual(len(self.role.reactor.spawned), 2)
 
     def test_a_worker_stopped_by_the_main_process_is_not_restarted(self):
         self.worker.spawn()
