@@ -384,7 +384,10 @@ class PostgresUserStore(UserRules):
         copy: Dict[str, Dict[str, dict]] = {name: {} for name in hubs}
         for hub, name, *columns in rows:
             record = _record(*columns, certificates.get((hub, name), ()))
-            copy.setdefault(hub, {})[name] = self._checked_record(hub, name, record)
+            try:
+                copy.setdefault(hub, {})[name] = self._checked_record(hub, name, record)
+            except StateError as e:  # that user is left out (cannot log in); the others are not held back
+                self.log.error("{why}; the user cannot log in until then", why=str(e))
         with self._copy_lock:
             self._copy, self._generation, self._checked = copy, generation, now
         return True
