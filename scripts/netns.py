@@ -390,21 +390,21 @@ def dhclient_unavailable() -> Optional[str]:
 class Lan:
     """
     A real LAN behind the hub, for local bridges: namespace LAN with a
-    Linux bridge C{br0} (the LAN's router, C{.1}, where dnsmasq hands out
+    Linux bridge C{br0} (the LAN's router, C{.1} or C{router}, where dnsmasq hands out
     C{.100}-C{.150}), a host behind the bridge (C{.10}), and a veth from
     the hub's namespace into the bridge, without an address, for
     C{--bridge DEFAULT=<hub_if>}.  Its namespaces belong to the topology
     (removed with it); L{close} removes what it adds outside namespaces.
     """
 
-    def __init__(self, topo: Topology, prefix: str = "10.77.0", dhcp: bool = True) -> None:
+    def __init__(self, topo: Topology, prefix: str = "10.77.0", dhcp: bool = True, router: int = 1) -> None:
         self.topo = topo
         self.tag = "tb" + topo.tag[2:]
         self.prefix = prefix
         self.ns = f"{self.tag}-lan"
         self.host_ns = f"{self.tag}-lh"
         self.hub_if = f"{self.tag}l"[:15]
-        self.router = f"{prefix}.1"
+        self.router = f"{prefix}.{router}"
         self.host = f"{prefix}.10"
         self._etc: List[str] = []
         topo._ns(self.ns)
