@@ -42,8 +42,11 @@ whole) moves several times more; on a lossy line UDP is what keeps the
 inner TCP alive.  So a channel that works stands by (I{ready}) while its
 TLS link's TCP shows a clean line, and carries (I{joining}, I{up}) once
 that TCP retransmits more than a few segments in a thousand
-(L{sevpn.lossmeter}); after L{STICKY} seconds of carrying it hands the
-frames back to TCP to measure again.  Mode C{always} carries whenever UDP
+(L{sevpn.lossmeter}) — on trial: a line whose loss comes from TCP filling
+its queue moves more over TCP, so after L{sevpn.lossmeter.TRIAL} seconds
+a channel whose UDP moved clearly less hands the frames back to TCP and
+does not try again for a while.  After L{STICKY} seconds of carrying it
+hands them back to TCP to measure the line again.  Mode C{always} carries whenever UDP
 works.
 
 The channel's life is an Automat machine (the table is at the end of
@@ -76,7 +79,7 @@ from zope.interface import Interface, implementer
 
 from sevpn import datagram, mss, offload as vnet, tls, wire
 from sevpn.acking import AckPolicy
-from sevpn.lossmeter import SAMPLE_INTERVAL, LossMeter
+from sevpn.lossmeter import SAMPLE_INTERVAL, CarryPolicy
 from sevpn.sequencing import SequenceError
 from sevpn.session import ILink, IShaper, Session
 from sevpn.timing import TokenBucket
@@ -115,6 +118,11 @@ AUTO, ALWAYS = "auto", "always"
 #: Carrying since this long, an C{auto} channel hands the frames back to
 #: TCP to see whether the line is clean again.
 STICKY = 300.0
+
+
+def _mbps(rate: Optional[float]) -> str:
+    """Bytes a second as the Mbit/s a user reads."""
+    return f"{(rate or 0.0) * 8 / 1e6:.1f} Mbit/s"
 
 
 class ChannelStatus:
@@ -210,7 +218,8 @@ class DatagramLink:
         self.link = link
         #: C{auto}: carry while the line is lossy; C{always}: whenever UDP works.
         self.mode = mode
-        self.meter = LossMeter()
+        #: When an C{auto} channel carries: a lossy line, and UDP not slower on trial.
+        self.policy = CarryPolicy()
         self.session = session
         self.clock = clock
         self.id = channel_id
@@ -243,16 +252,30 @@ class DatagramLink:
     # when to carry -----------------------------------------------------------
 
     def _measure(self) -> None:
-        """Read the TLS link's TCP counters; a lossy line makes a ready channel carry."""
+        """
+        Ready, read the TLS link's TCP counters: a lossy line makes the
+        channel carry, on trial.  Carrying, end the trial (UDP stays, or
+        it was slower and TCP carries again), or after L{STICKY} seconds
+        give the frames back to TCP to measure the line again.
+        """
         self._measure_call = self.clock.callLater(SAMPLE_INTERVAL, self._measure)
+        now = self.clock.seconds()
         if self.state == READY:
+            if self.mode == ALWAYS:
+                self.lossy()
+                return
             counters = self.link.tcp_counters()
-            if counters is not None:
-                self.meter.sample(*counters)
-            if self.mode == ALWAYS or self.meter.lossy():
+            if counters is not None and self.policy.tcp_sample(now, *counters, self.session.bytes_out):
                 self.lossy()
         elif self.state in (JOINING, UP) and self.mode == AUTO:
-            if self.clock.seconds() - self._state_since >= STICKY:
+            verdict = self.policy.udp_sample(now, self.session.bytes_out)
+            if verdict is False:
+                self.slower(self.policy.udp_rate, self.policy.tcp_rate)
+            elif verdict:
+                self.log.info("{peer}: UDP moves {udp} against TCP's {tcp} before: UDP carries on",
+                              peer=self.describe_peer(), udp=_mbps(self.policy.udp_rate),
+                              tcp=_mbps(self.policy.tcp_rate))
+            elif now - self._state_since >= STICKY:
                 self.clean()
 
     def works(self) -> None:
@@ -529,10 +552,14 @@ class DatagramLink:
     def clean(self):
         """Carried long enough: give the frames back to TCP and measure the line again."""
 
+    @_machine.input()
+    def slower(self, udp_rate: float, tcp_rate: float):
+        """On trial, UDP moved clearly less than TCP did before (bytes a second): back to TCP for a while."""
+
     @_machine.output()
     def _stand_by(self) -> None:
         self._enter(READY)
-        self.meter.reset()
+        self.policy.restart()
         self.log.info("{peer}: UDP channel ready: frames go over UDP once the line loses packets",
                       peer=self.describe_peer())
 
@@ -543,20 +570,31 @@ class DatagramLink:
 
     @_machine.output()
     def _back_to_tcp(self) -> None:
+        self._to_tcp()
+        self.log.info("{peer}: frames back on TCP, to see whether the line is clean again",
+                      peer=self.describe_peer())
+
+    @_machine.output()
+    def _give_back(self, udp_rate: float, tcp_rate: float) -> None:
+        self._to_tcp()
+        self.log.info("{peer}: UDP moved {udp} against TCP's {tcp}: frames back on TCP, the faster here",
+                      peer=self.describe_peer(), udp=_mbps(udp_rate), tcp=_mbps(tcp_rate))
+
+    def _to_tcp(self) -> None:
+        """Stop carrying: what waits goes over TLS, and the line is measured afresh."""
         self._stop_join_timer()
         self._enter(READY)
-        self.meter.reset()
+        self.policy.restart()
         self.session.stop_using_link(self)
         self.carrying(False)
         self._release_held()
-        self.log.info("{peer}: frames back on TCP, to see whether the line is clean again",
-                      peer=self.describe_peer())
 
     @_machine.output()
     def _join(self) -> None:
         self._enter(JOINING)
         self._mark = self.session.sent.next_seq - 1
         self._held, self._held_bytes = [], 0
+        self.policy.carrying(self.clock.seconds(), self.session.bytes_out)
         self.session.use_link(self, None)
         self.carrying(True)
         self._join_call = self.clock.callLater(JOIN_STEP, self._join_step)
@@ -657,6 +695,7 @@ class DatagramLink:
     joining.upon(close, enter=closed, outputs=[_stop_joining, _end])
     joining.upon(lossy, enter=joining, outputs=[_ignore])
     joining.upon(clean, enter=ready, outputs=[_back_to_tcp])
+    joining.upon(slower, enter=ready, outputs=[_give_back])
 
     up.upon(answered, enter=up, outputs=[_ignore])
     up.upon(peer_deaf, enter=down, outputs=[_uncarry])
@@ -665,6 +704,7 @@ class DatagramLink:
     up.upon(drained, enter=up, outputs=[_ignore])
     up.upon(lossy, enter=up, outputs=[_ignore])
     up.upon(clean, enter=ready, outputs=[_back_to_tcp])
+    up.upon(slower, enter=ready, outputs=[_give_back])
 
     down.upon(answered, enter=ready, outputs=[_stand_by])
     down.upon(peer_deaf, enter=down, outputs=[_ignore])

@@ -11,6 +11,13 @@ carries while it is lossy.  L{LossMeter} answers from the TLS link's own
 TCP counters (C{TCP_INFO}: segments sent, segments retransmitted), over a
 sliding window, so one burst at start-up does not decide.
 
+Loss alone does not tell a lossy line from a full one: a TCP that fills a
+rate-limited line's queue retransmits too, and there TCP is the faster
+carrier.  So L{CarryPolicy} makes UDP carry on trial: after L{TRIAL}
+seconds it compares what the session sent per second over UDP with what
+it sent over TCP just before, and gives the frames back to TCP when UDP
+moved clearly less, not trying again for a while (L{HOLD}, doubling).
+
 Pure: samples come in as numbers.
 """
 
@@ -29,6 +36,14 @@ SAMPLE_INTERVAL = 2.0
 LOSSY = 0.003
 #: Segments a window must have sent before it says anything.
 MIN_SEGMENTS = 500
+#: How long UDP carries on trial before its rate is compared with TCP's.
+TRIAL = 10.0
+#: UDP that moved less than this share of TCP's rate lost its trial.
+KEEP = 0.9
+#: After a lost trial, TCP carries at least this long; doubles with every
+#: lost trial in a row, up to L{HOLD_MAX}.
+HOLD = 60.0
+HOLD_MAX = 960.0
 
 
 class LossMeter:
@@ -62,3 +77,68 @@ class LossMeter:
 
     def reset(self) -> None:
         self._samples.clear()
+
+
+class CarryPolicy:
+    """
+    Whether an C{auto} UDP channel should carry: the line is lossy, and
+    on trial UDP moves at least L{KEEP} of what TCP moved (see the module
+    docstring).  Samples come from the channel every couple of seconds:
+    L{tcp_sample} while TCP carries, L{udp_sample} while UDP does.
+    """
+
+    def __init__(self, meter: Optional[LossMeter] = None) -> None:
+        self.meter = meter if meter is not None else LossMeter()
+        #: Samples (time, bytes the session sent) while TCP carries.
+        self._sent: Deque[Tuple[float, int]] = deque(maxlen=self.meter.window + 1)
+        #: The trial running: (its start, bytes sent then), or None.
+        self._trial: Optional[Tuple[float, int]] = None
+        self._hold_until = 0.0
+        self._hold = HOLD
+        #: The rates (bytes a second) of the last comparison.
+        self.tcp_rate: Optional[float] = None
+        self.udp_rate: Optional[float] = None
+
+    def tcp_sample(self, now: float, retransmitted: int, sent_segments: int, sent_bytes: int) -> bool:
+        """
+        A reading while TCP carries: the link's TCP totals and the session's
+        bytes sent so far.  True: the line is lossy, try UDP now.
+        """
+        self.meter.sample(retransmitted, sent_segments)
+        self._sent.append((now, sent_bytes))
+        if now < self._hold_until or not self.meter.lossy():
+            return False
+        (t0, b0), (t1, b1) = self._sent[0], self._sent[-1]
+        self.tcp_rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        return True
+
+    def carrying(self, now: float, sent_bytes: int) -> None:
+        """UDP starts to carry (on trial when L{tcp_sample} asked for it)."""
+        self._trial = (now, sent_bytes) if self.tcp_rate is not None else None
+
+    def udp_sample(self, now: float, sent_bytes: int) -> Optional[bool]:
+        """
+        A reading while UDP carries: None while there is nothing to decide;
+        at the end of a trial, True (UDP stays) or False (back to TCP).
+        """
+        if self._trial is None:
+            return None
+        start, before = self._trial
+        if now - start < TRIAL:
+            return None
+        self._trial = None
+        self.udp_rate = (sent_bytes - before) / (now - start)
+        if self.udp_rate >= KEEP * (self.tcp_rate or 0.0):
+            self._hold = HOLD
+            return True
+        self._hold_until = now + self._hold
+        self._hold = min(self._hold * 2, HOLD_MAX)
+        return False
+
+    def restart(self) -> None:
+        """Measure the line afresh (TCP carries again); a hold stays."""
+        self.meter.reset()
+        self._sent.clear()
+        self._trial = None
+        self.tcp_rate = None
+

@@ -6,6 +6,7 @@ networks the tests can cut, block, make lossy, and forge into.
 import os
 import struct
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sevpn import channel, offload as vnet, wire
@@ -529,3 +530,54 @@ class WhenToCarry(SynchronousTestCase):
         link.tcp_counters = lambda: None  # on UDP the TCP link says nothing
         self.lab.network.run(channels.STICKY + 3, step=1)
         self.assertEqual(a.status()["udp"], "ready")
+
+
+class CarryOnTrial(SynchronousTestCase):
+    """Mode auto: a lossy line makes UDP carry on trial; UDP that moves clearly less gives the frames back."""
+
+    def setUp(self):
+        self.lab = Lab(self, udp=True)
+        self.a = self.lab.card(1, udp_mode="auto")
+        self.b = self.lab.card(2, udp_mode="auto")
+        self.lab.network.run(3)
+        [self.link] = [c.client for c in self.lab.network.connections if c.client.card is self.a]
+        totals = [0, 0]
+
+        def lossy():
+            totals[0] += 10  # 1% of the segments retransmitted
+            totals[1] += 1000
+            return tuple(totals)
+
+        self.link.tcp_counters = lossy
+
+    def carry(self, seconds, frames_per_step):
+        """Card a sends numbered frames to b every 0.5 s for C{seconds}."""
+        start = 0
+        for _ in range(int(seconds / 0.5)):
+            self.a.lan.tap.os_sends(numbered(frames_per_step, start))
+            start += frames_per_step
+            self.lab.network.run(0.5, step=0.5)
+
+    def test_udp_moving_less_gives_the_frames_back_and_tcp_keeps_them_a_while(self):
+        from sevpn.lossmeter import HOLD, TRIAL
+
+        with capturedLogs() as events:
+            self.carry(8, 40)  # over TCP
+            self.assertEqual(self.a.status()["udp"], "up")
+            self.carry(TRIAL + 2, 10)  # over UDP: a quarter of it
+        self.assertEqual(self.a.status()["udp"], "ready")
+        [line] = [formatEvent(e) for e in events if "frames back on TCP, the faster here" in formatEvent(e)]
+        self.assertIn("UDP moved", line)
+        self.carry(HOLD - 10, 10)  # the line still loses packets: TCP carries on
+        self.assertEqual(self.a.status()["udp"], "ready")
+        self.carry(20, 10)
+        self.assertEqual(self.a.status()["udp"], "up")  # the next trial
+
+    def test_udp_moving_as_much_stays(self):
+        from sevpn.lossmeter import TRIAL
+
+        with capturedLogs() as events:
+            self.carry(8, 20)
+            self.carry(TRIAL + 2, 20)
+        self.assertEqual(self.a.status()["udp"], "up")
+        self.assertTrue([e for e in events if "UDP carries on" in formatEvent(e)])
