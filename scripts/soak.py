@@ -80,8 +80,11 @@ def main() -> int:
         hostile = topo.spawn(topo.host(3), "hostile", sys.executable, "-m", "scripts.hostile_flood",
                              topo.hub_addr(3), "5555", os.path.join(topo.hub_state, "ca.pem"), "mallory", pw,
                              str(SECONDS))
-        ping = subprocess.Popen(["ip", "netns", "exec", topo.host(1), "ping", "-D", "-O", "-i", "0.2", "-W", "1",
-                                 topo.tap_addr(2)], stdout=subprocess.PIPE, text=True)
+        # to a file: ten minutes of ping lines would fill a pipe nobody reads until the end, and stop ping
+        ping_path = os.path.join(topo.dir, "ping.out")
+        with open(ping_path, "w") as ping_out:
+            ping = subprocess.Popen(["ip", "netns", "exec", topo.host(1), "ping", "-D", "-O", "-i", "0.2", "-W", "1",
+                                     topo.tap_addr(2)], stdout=ping_out, text=True)
         start = time.monotonic()
 
         def transfers():
@@ -137,7 +140,9 @@ def main() -> int:
         for t in threads:
             t.join(330)
         ping.send_signal(signal.SIGINT)
-        out = ping.communicate(timeout=30)[0]
+        ping.wait(30)
+        with open(ping_path) as f:
+            out = f.read()
         hostile.wait(60)
         for i in (1, 2):
             status = topo.card_status(i)
