@@ -14,9 +14,11 @@ sliding window, so one burst at start-up does not decide.
 Loss alone does not tell a lossy line from a full one: a TCP that fills a
 rate-limited line's queue retransmits too, and there TCP is the faster
 carrier.  So L{CarryPolicy} makes UDP carry on trial: after L{TRIAL}
-seconds it compares what the session sent per second over UDP with what
-it sent over TCP just before, and gives the frames back to TCP when UDP
-moved clearly less, not trying again for a while (L{HOLD}, doubling).
+seconds it compares the most the session sent per second over UDP with
+the most it sent over TCP just before (the peak between two samples, so
+that a flow starting or ending within a window does not count as a slow
+carrier), and gives the frames back to TCP when UDP moved clearly less,
+not trying again for a while (L{HOLD}, doubling).
 
 Pure: samples come in as numbers.
 """
@@ -24,7 +26,7 @@ Pure: samples come in as numbers.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Optional, Tuple
+from typing import Deque, List, Optional, Sequence, Tuple
 
 #: Samples kept: with one every L{SAMPLE_INTERVAL} s, a window of 10 s.
 WINDOW = 5
@@ -66,7 +68,7 @@ class LossMeter:
         if len(self._samples) < 2:
             return None
         (r0, s0), (r1, s1) = self._samples[0], self._samples[-1]
-        if s1 - s0 < self.min_segments:
+        if s1 - s0 < max(self.min_segments, 1):
             return None
         return (r1 - r0) / (s1 - s0)
 
@@ -91,8 +93,9 @@ class CarryPolicy:
         self.meter = meter if meter is not None else LossMeter()
         #: Samples (time, bytes the session sent) while TCP carries.
         self._sent: Deque[Tuple[float, int]] = deque(maxlen=self.meter.window + 1)
-        #: The trial running: (its start, bytes sent then), or None.
-        self._trial: Optional[Tuple[float, int]] = None
+        #: When the trial running started, or None; its samples (time, bytes sent).
+        self._trial: Optional[float] = None
+        self._trial_sent: List[Tuple[float, int]] = []
         self._hold_until = 0.0
         self._hold = HOLD
         #: The rates (bytes a second) of the last comparison.
@@ -108,13 +111,13 @@ class CarryPolicy:
         self._sent.append((now, sent_bytes))
         if now < self._hold_until or not self.meter.lossy():
             return False
-        (t0, b0), (t1, b1) = self._sent[0], self._sent[-1]
-        self.tcp_rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        self.tcp_rate = _peak_rate(self._sent)
         return True
 
     def carrying(self, now: float, sent_bytes: int) -> None:
         """UDP starts to carry (on trial when L{tcp_sample} asked for it)."""
-        self._trial = (now, sent_bytes) if self.tcp_rate is not None else None
+        self._trial = now if self.tcp_rate is not None else None
+        self._trial_sent = [(now, sent_bytes)]
 
     def udp_sample(self, now: float, sent_bytes: int) -> Optional[bool]:
         """
@@ -123,11 +126,11 @@ class CarryPolicy:
         """
         if self._trial is None:
             return None
-        start, before = self._trial
-        if now - start < TRIAL:
+        self._trial_sent.append((now, sent_bytes))
+        if now - self._trial < TRIAL:
             return None
         self._trial = None
-        self.udp_rate = (sent_bytes - before) / (now - start)
+        self.udp_rate = _peak_rate(self._trial_sent)
         if self.udp_rate >= KEEP * (self.tcp_rate or 0.0):
             self._hold = HOLD
             return True
@@ -142,3 +145,9 @@ class CarryPolicy:
         self._trial = None
         self.tcp_rate = None
 
+
+def _peak_rate(samples: Sequence[Tuple[float, int]]) -> float:
+    """The highest bytes a second between two consecutive (time, bytes) samples; 0 without two."""
+    samples = list(samples)
+    rates = [(b1 - b0) / (t1 - t0) for (t0, b0), (t1, b1) in zip(samples, samples[1:]) if t1 > t0]
+    return max(rates, default=0.0)

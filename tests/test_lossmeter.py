@@ -114,6 +114,17 @@ class CarryPolicyTests(SynchronousTestCase):
         self.assertTrue(line.tcp(1000, 25e6))
         self.assertLess(line.now - start, 6 * SAMPLE_INTERVAL)  # no hold after a won trial
 
+    def test_a_flow_that_starts_within_the_window_is_measured_at_its_pace(self):
+        # a transfer begins after seconds of quiet: TCP is as fast as it is once it runs, not its average
+        policy = CarryPolicy()
+        line = Line(policy, loss=0.02)
+        line.policy.meter.min_segments = 0
+        line.tcp(6, 10)  # quiet (a few probes' worth, lossy)
+        self.assertTrue(line.tcp(4, 25e6))
+        self.assertAlmostEqual(policy.tcp_rate, 25e6, delta=1e5)
+        # and UDP half as fast, even if the transfer ends within the trial, loses it
+        self.assertEqual(line.udp(4, 12e6) + line.udp(TRIAL, 0, start=False), [False])
+
     def test_little_traffic_keeps_udp(self):
         # nothing to compare (a few pings): UDP costs nothing there and spares them TCP's stalls
         line = Line(CarryPolicy(), loss=0.2)
