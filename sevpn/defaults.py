@@ -34,8 +34,9 @@ RESUME_WINDOW = 60.0
 #: A card must finish TLS and its hello, and the hub must answer it, within
 #: this: a connection that has not logged in holds little for long.
 HANDSHAKE_TIMEOUT = 10.0
-#: At most this many sessions per hub process.
-MAX_SESSIONS = 4096
+#: At most this many sessions per hub (``--max-sessions``), connected or
+#: held: an idle session costs the hub ~30 KiB, so 16,384 stay within ~500 MiB.
+MAX_SESSIONS = 16384
 #: At most this many sessions per user of a virtual hub, connected or held
 #: (SoftEther's multiple-logins policy); a user's own policy may say otherwise.
 MAX_SESSIONS_PER_USER = 4

@@ -27,7 +27,7 @@ from sevpn.mac import InvalidMAC, format_mac, parse_mac
 from sevpn.port import SessionPort
 from sevpn.sequencing import DEFAULT_LIMIT, Budget
 from sevpn.session import ILink, Session
-from sevpn.switch import DEFAULT_MAX_AGE, DEFAULT_MAX_MACS, Conflict, VirtualHub
+from sevpn.switch import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_MACS, Conflict, VirtualHub
 from sevpn.users import IUserStore, StateError
 from sevpn.wire import Refusal
 
@@ -157,6 +157,8 @@ class Hub:
             vhub = self.vhubs[name] = VirtualHub(
                 name, self.clock.seconds, max_age=self.max_age, max_macs_per_port=self.max_macs_per_session,
                 allow_moves=self.allow_mac_moves, on_conflict=self._conflict,
+                # room for every session's own MAC and as many again (VMs behind cards, bridged LANs)
+                max_entries=max(DEFAULT_MAX_ENTRIES, 2 * self.max_sessions),
             )
             for added in self.vhub_added:
                 added(vhub)

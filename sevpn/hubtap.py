@@ -89,6 +89,9 @@ class Options(CommonOptions):
         ["state-dir", "d", defaults.HUB_STATE_DIR, "Where the hub keeps its CA, certificates and users."],
         ["mac-age", None, defaults.MAC_AGE, "Seconds before an unused MAC table entry is forgotten.",
          non_negative(float, "mac-age")],
+        ["max-sessions", None, defaults.MAX_SESSIONS,
+         "Sessions the hub holds at once, connected or held (with --workers, shared out among them).",
+         non_negative(int, "max-sessions")],
         ["max-sessions-per-user", None, defaults.MAX_SESSIONS_PER_USER,
          "Sessions a user may have at once, connected or held (0: no limit; a user's own policy wins).",
          non_negative(int, "max-sessions-per-user")],
@@ -234,6 +237,7 @@ def makeService(config: Options) -> IService:
         buffer_limit=config["resume-buffer-bytes"],
         max_age=config["mac-age"],
         limits={
+            "max_sessions": max(1, config["max-sessions"] // workers),
             "max_sessions_per_user": config["max-sessions-per-user"],
             "max_macs_per_session": config["max-macs"],
             # the node's bound, shared by its workers

@@ -22,6 +22,7 @@ import time
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from scripts.netns import BIN, env
+from sevpn.defaults import MAX_SESSIONS
 
 NOBODY = 65534
 
@@ -223,7 +224,7 @@ class Mistakes(Case):
         cases = [
             (("--rate-in", "10X"), "argument --rate-in: '10X' is not a rate"),
             (("--rate-out", "2T"), "argument --rate-out: '2T' is more than 1 Tbit/s"),
-            (("--max-sessions", "-1"), "argument --max-sessions: give a whole number from 0 (the default) to 4096"),
+            (("--max-sessions", "-1"), f"argument --max-sessions: give a whole number from 0 (the default) to {MAX_SESSIONS}"),
             (("--max-macs", "lots"), "argument --max-macs"),
             ((), "nothing to set"),
         ]

@@ -538,3 +538,26 @@ class Policies(SynchronousTestCase):
             a.lan.tap.os_sends([frame(BROADCAST, mac(1), b"x" * 1400)] * 100)
             self.lab.network.run(0.01)
         self.assertEqual(len(b.lan.tap.written), 1000)
+
+
+class SessionBounds(SynchronousTestCase):
+    """How many sessions a hub holds, and a MAC table with room for every one of them."""
+
+    def test_a_hub_holds_max_sessions_and_turns_the_next_away_as_full(self):
+        lab = Lab(self)
+        lab.hub.max_sessions = 3
+        cards = [lab.card(n) for n in range(1, 5)]
+        lab.network.run(2)
+        # the fourth is told the hub is full, and tries again later
+        self.assertEqual([c.state for c in cards], [card_states.CONNECTED] * 3 + [card_states.CONNECTING])
+        self.assertEqual(len(lab.hub.sessions), 3)
+
+    def test_the_mac_table_has_room_for_every_session(self):
+        from sevpn.hub import Hub
+        from sevpn.switch import DEFAULT_MAX_ENTRIES
+
+        from twisted.internet.task import Clock
+
+        hub = Hub(None, Clock(), max_sessions=10000)
+        self.assertEqual(hub.vhub("DEFAULT").max_entries, 20000)
+        self.assertEqual(Hub(None, Clock(), max_sessions=10).vhub("DEFAULT").max_entries, DEFAULT_MAX_ENTRIES)
