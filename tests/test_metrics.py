@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sevpn import card as card_states
 from sevpn import wire
+from sevpn.defaults import MAX_SESSIONS
 from sevpn.metrics import read_hub, registry_for
 from sevpn.port import Port
 from tests.support import BROADCAST, Lab, overflow_during_outage, RawFactory, frame, mac, payloads
@@ -89,7 +90,7 @@ class Collector(SynchronousTestCase):
         self.assertEqual(scrape.value("sevpn_switch_frames_total", hub="DEFAULT", path="unicast"), 2)
         self.assertEqual(scrape.value("sevpn_switch_dropped_frames_total", hub="DEFAULT", cause="runt"), 1)
         self.assertEqual(scrape.value("sevpn_mac_table_entries", hub="DEFAULT"), 2)
-        self.assertEqual(scrape.value("sevpn_mac_table_limit", hub="DEFAULT"), 4096)
+        self.assertEqual(scrape.value("sevpn_mac_table_limit", hub="DEFAULT"), 2 * MAX_SESSIONS)  # room for twice the sessions
 
     def test_mac_limit_and_conflict_drops(self):
         a, b = self.lab.card(1), self.lab.card(2)
